@@ -1,0 +1,52 @@
+# Wattplane developer entry points. `make demo` and `make test` do all set-up themselves.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit cluster-binaries protos crds constraints chaos bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "pip==25.3"
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+## The main job: simulate the bundled quickstart scenario (synthetic load, no cluster, no data).
+demo: $(STAMP)
+	$(BIN)/wattplane simulate examples/scenarios/quickstart.yaml --out out/quickstart
+
+## The whole suite: lint, types, layering, then pytest incl. the real local test cluster.
+test: $(STAMP) cluster-binaries lint typecheck
+	WATTPLANE_TESTCLUSTER_BIN="$${WATTPLANE_TESTCLUSTER_BIN:-$$(bash hack/testcluster/build.sh | tail -n1)}" \
+	  $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+## Build (once per machine, cached in ~/.cache/wattplane) the Go test-cluster binaries.
+cluster-binaries:
+	bash hack/testcluster/build.sh >/dev/null
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+typecheck: $(STAMP)
+	$(BIN)/mypy policies/
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not cluster and not ray" $(PYTEST_ARGS)
+
+protos: $(STAMP)
+	$(BIN)/python -m protos.generate
+
+crds: $(STAMP)
+	$(BIN)/wattplane crds --out helm/wattplane/crds
+
+constraints: $(STAMP)
+	$(BIN)/pip freeze --exclude-editable | sed '1i # transitive pins: regenerate with make constraints' > constraints.txt
+
+chaos: $(STAMP) cluster-binaries
+	WATTPLANE_TESTCLUSTER_BIN="$$(bash hack/testcluster/build.sh | tail -n1)" $(BIN)/python -m pytest -q tests/chaos
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from wattplane.cli import main
+
+raise SystemExit(main())
