@@ -76,11 +76,23 @@ command -v go >/dev/null || { log "Go is required to build the test cluster (go 
 start=$(date +%s)
 build_etcd
 go_install kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
+# kwok v0.8 ships no built-in stages: take the upstream Stage files (node initialise + lease
+# heartbeat, the general pod lifecycle) from the same pinned module.
+stages="$cache/bin/kwok-$KWOK_VERSION/stages"
+if [ ! -f "$stages/pod-delete.yaml" ]; then
+  kwok_dir="$(go mod download -json "sigs.k8s.io/kwok@$KWOK_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
+  mkdir -p "$stages"
+  cp "$kwok_dir"/kustomize/stage/node/fast/node-initialize.yaml \
+     "$kwok_dir"/kustomize/stage/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+     "$kwok_dir"/kustomize/stage/pod/general/pod-*.yaml "$stages/"
+  chmod 644 "$stages"/*.yaml
+fi
 go_install helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
 build_k8s
 for f in "$cache/bin/kubernetes-$K8S_VERSION"/* "$cache/bin/etcd-$ETCD_VERSION/etcd" \
          "$cache/bin/kwok-$KWOK_VERSION/kwok" "$cache/bin/helm-$HELM_VERSION/helm"; do
   ln -sf "$f" "$out/$(basename "$f")"
 done
+ln -sfn "$stages" "$out/kwok-stages"
 log "done in $(( $(date +%s) - start )) s"
 echo "$out"
