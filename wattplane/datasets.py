@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from policies.snapshot import Node, Pod, PodPhase
+from policies.snapshot import AcceleratorSpec, Node, Pod, PodPhase, Pool, Snapshot
 
 ENV_VAR = "WATTPLANE_DATA"
 
@@ -65,11 +65,51 @@ def data_file(relative: str, data_dir: str | os.PathLike[str] | None = None) -> 
 
 # -- Alibaba GPU cluster trace 2023 (FGD paper) ------------------------------------------------
 
-ALIBABA_GPU_SPECS: dict[str, tuple[float, float]] = {
-    # model -> (memory GiB, TDP W), public spec sheets; used only to label fake nodes.
-    "G2": (32.0, 300.0), "T4": (16.0, 70.0), "G3": (48.0, 300.0), "P100": (16.0, 250.0),
-    "V100M32": (32.0, 300.0), "V100M16": (16.0, 300.0), "A10": (24.0, 150.0),
+# model -> (memory GiB, dense fp16/bf16 TFLOP/s, HBM GB/s, TDP W, min power limit W), from public spec
+# sheets. The trace anonymises G2/G3; they are treated as V100-class (G2) and A100-40GB-class (G3).
+ALIBABA_GPU_SPECS: dict[str, tuple[float, float, float, float, float]] = {
+    "G2": (32.0, 125.0, 900.0, 300.0, 150.0),
+    "G3": (40.0, 312.0, 1555.0, 400.0, 150.0),
+    "T4": (16.0, 65.0, 320.0, 70.0, 60.0),
+    "P100": (16.0, 19.0, 732.0, 250.0, 125.0),
+    "V100M32": (32.0, 125.0, 900.0, 300.0, 150.0),
+    "V100M16": (16.0, 125.0, 900.0, 300.0, 150.0),
+    "A10": (24.0, 125.0, 600.0, 150.0, 100.0),
 }
+
+
+def alibaba_accelerator(model: str) -> AcceleratorSpec:
+    mem, tflops, hbm, tdp, min_w = ALIBABA_GPU_SPECS.get(model, (16.0, 50.0, 500.0, 250.0, 100.0))
+    return AcceleratorSpec(model=model, memory_gib=mem, bf16_tflops=tflops, hbm_gbps=hbm, tdp_w=tdp,
+                           min_power_w=min_w, max_power_w=tdp)
+
+
+def alibaba_snapshot(
+    nodes_path: str | os.PathLike[str],
+    pods_path: str | os.PathLike[str] | None = None,
+    cost_per_device_hour: float = 1.0,
+) -> Snapshot:
+    """A Snapshot of the Alibaba GPU cluster: one pool per GPU model, CPU-only nodes pool-less,
+    and (when a pod list is given) every pod pending, for a scheduler replay to place."""
+    nodes = load_alibaba_nodes(nodes_path)
+    by_model: dict[str, list[Node]] = {}
+    for n in nodes:
+        if n.accelerator_model:
+            by_model.setdefault(n.accelerator_model, []).append(n)
+    pools = tuple(
+        Pool(
+            name=model.lower(),
+            accelerator=alibaba_accelerator(model),
+            gpus_per_node=max(n.gpus for n in members),
+            cost_per_device_hour=cost_per_device_hour,
+        )
+        for model, members in sorted(by_model.items())
+    )
+    placed = tuple(
+        n.model_copy(update={"pool": n.accelerator_model.lower()}) if n.accelerator_model else n for n in nodes
+    )
+    pods = pending(load_alibaba_pods(pods_path)) if pods_path is not None else ()
+    return Snapshot(pools=pools, nodes=placed, pods=pods)
 
 
 def load_alibaba_nodes(path: str | os.PathLike[str]) -> tuple[Node, ...]:
@@ -177,6 +217,7 @@ def _csv_rows(path: str | os.PathLike[str], required: tuple[str, ...]) -> Iterat
 
 
 __all__ = [
-    "ENV_VAR", "MissingDataError", "PodPhase", "Request", "TracePod", "data_file", "default_data_dir",
-    "load_alibaba_nodes", "load_alibaba_pods", "load_azure_trace", "pending", "resolve_data_dir",
+    "ENV_VAR", "MissingDataError", "PodPhase", "Request", "TracePod", "alibaba_accelerator", "alibaba_snapshot",
+    "data_file", "default_data_dir", "load_alibaba_nodes", "load_alibaba_pods", "load_azure_trace", "pending",
+    "resolve_data_dir",
 ]
