@@ -8,8 +8,8 @@ rows of ``../shared/data/power/`` it comes from; the model is shared by the powe
 POLCA baseline, the benchmark and the simulated GPU source, so all of them agree on physics.
 
 Vocabulary. ``prefill_fraction`` is the share of an interval the GPU spends in prompt passes;
-``decode_utilisation`` is the occupancy of the token phase in the rest of the interval (running
-sequences / the engine's batch limit; 0 means idle). A cap ``cap_w`` is a board power limit;
+``decode_utilisation`` is the load of the token phase in the rest of the interval: output tokens/s
+over the GPU's saturated-batch output tokens/s (0 means idle, 1 a full batch). A cap ``cap_w`` is a board power limit;
 ``None`` means uncapped. Values are clamped to the device's legal range ``[min_power_w,
 max_power_w]``.
 """
@@ -31,11 +31,12 @@ PROMPT_POWER_FRACTION = 1.0
 # max_num_seqs 1024: avg_power_watts 2548 -> 637 W per GPU = 0.91 x 700 W TDP.
 TOKEN_PEAK_POWER_FRACTION = 0.91
 
-# Token-phase power rises steeply with the first sequences, then flattens. Same file:
-# max_num_seqs 8 -> 441 W/GPU (0.63 TDP), 128 -> 546 W (0.78), 512 -> 623 W (0.89), 1024 -> 637 W.
-# idle + (peak - idle) * occupancy ** 0.1 reproduces these within 0.03 TDP (occupancy =
-# batch / 1024): 0.64, 0.78, 0.86, 0.91.
-TOKEN_OCCUPANCY_EXPONENT = 0.1
+# Token-phase power rises steeply with the first sequences, then flattens. Same file, per GPU
+# against output tokens/s relative to the max_num_seqs 1024 row (6827 tok/s): 8 seqs -> 0.069 of
+# saturated throughput at 441 W (0.63 TDP); 64 -> 0.37 at 500 W (0.71); 128 -> 0.57 at 546 W
+# (0.78); 512 -> 0.87 at 623 W (0.89); 1024 -> 1.0 at 637 W (0.91). Least squares over all 12 H100
+# rows of idle + (peak - idle) * utilisation ** g gives g = 0.25 (worst row off by 0.07 TDP).
+TOKEN_UTILISATION_EXPONENT = 0.25
 
 # Throughput under a cap. splitwise_perf_model.csv: h100-80gb-pcap vs h100-80gb rows have
 # prompt_time x1.30 (e.g. llama2-70b 2048 x 1: 280 vs 215 ms; bloom-176b 512 x 8: 816 vs 628 ms)
@@ -80,7 +81,8 @@ def phase_power_w(spec: AcceleratorSpec, prefill_fraction: float, decode_utilisa
     u = _unit(decode_utilisation)
     idle = spec.idle_fraction * spec.tdp_w
     prompt = PROMPT_POWER_FRACTION * spec.tdp_w if prefill_fraction > 0 else idle
-    token = idle + max(TOKEN_PEAK_POWER_FRACTION * spec.tdp_w - idle, 0.0) * (u**TOKEN_OCCUPANCY_EXPONENT if u else 0.0)
+    rise = u**TOKEN_UTILISATION_EXPONENT if u else 0.0
+    token = idle + max(TOKEN_PEAK_POWER_FRACTION * spec.tdp_w - idle, 0.0) * rise
     return prompt, token
 
 
@@ -116,7 +118,7 @@ def throughput_fraction(
     """Throughput at a cap relative to uncapped (1.0 uncapped); concave, non-decreasing in the cap.
 
     Work is split by time share: prompt passes (``prefill_fraction``) and token iterations at the
-    given occupancy, each slowed by :func:`phase_speed`. The defaults describe a busy GPU with a
+    given decode load, each slowed by :func:`phase_speed`. The defaults describe a busy GPU with a
     conversation-service mix, the case that loses most; a lightly loaded GPU whose token phase
     draws less than the cap loses only on its prompt passes.
     """
