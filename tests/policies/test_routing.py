@@ -1,0 +1,202 @@
+"""The fleet-level routing LP: shifts to the fallback under pressure, back with hysteresis, never below the floor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policies.difficulty import weights_from_json
+from policies.plan import Plan, Reason, SetRoutingShare, SolverStatus
+from policies.profiles import REFERENCE_GPUS, default_table
+from policies.routing import (
+    DEFAULT_CLASSES,
+    RoutingConfig,
+    RoutingState,
+    capacity,
+    max_share_at_floor,
+    plan_routing,
+    plan_threshold,
+    relative_quality,
+    shares_for_total,
+    threshold_for_share,
+    total_share,
+)
+from policies.snapshot import (
+    SLO,
+    Demand,
+    Fallback,
+    GPUTelemetry,
+    ModelDeployment,
+    ModelShape,
+    Node,
+    Parallelism,
+    Pool,
+    ReplicaSet,
+    Snapshot,
+)
+
+H100 = REFERENCE_GPUS["h100"]
+WEIGHTS = Path(__file__).resolve().parents[2] / "policies" / "data" / "router_weights.json"
+
+
+def make_snapshot(
+    demand_tok_s: float = 1000.0,
+    large_replicas: int = 2,
+    floor: float = 0.8,
+    cap_w: float | None = None,
+    small_replicas: int = 4,
+    **overrides: Any,
+) -> Snapshot:
+    large = ModelDeployment(
+        name="big", model=ModelShape(name="llama-3.1-70b", params_b=70, active_params_b=70),
+        parallelism=Parallelism(tp=4), slo=SLO(), target_utilisation=0.8,
+        fallback=Fallback(deployment="small", quality_floor=floor),
+    )
+    small = ModelDeployment(name="small", model=ModelShape(name="llama-3.1-8b", params_b=8, active_params_b=8))
+    nodes = tuple(Node(name=f"n{i}", pool="h100", gpus=8) for i in range(2))
+    telemetry = tuple(
+        GPUTelemetry(node="n0", index=i, power_w=500.0, power_limit_w=cap_w, deployment="big") for i in range(8)
+    ) if cap_w is not None else ()
+    base: dict[str, Any] = dict(
+        now=0.0,
+        pools=(Pool(name="h100", accelerator=H100, gpus_per_node=8, cost_per_device_hour=2.0),),
+        nodes=nodes,
+        deployments=(large, small),
+        replicas=(ReplicaSet(deployment="big", pool="h100", replicas=large_replicas),
+                  ReplicaSet(deployment="small", pool="h100", replicas=small_replicas)),
+        demand=(Demand(deployment="big", input_tokens_per_s=demand_tok_s, output_tokens_per_s=demand_tok_s),),
+        gpu_telemetry=telemetry,
+    )
+    base.update(overrides)
+    return Snapshot(**base)
+
+
+def large_capacity(snapshot: Snapshot) -> float:
+    return capacity(snapshot, snapshot.deployment("big"), default_table()).tokens_per_s
+
+
+def share_of(plan: Plan) -> SetRoutingShare:
+    (action,) = [a for a in plan.actions if isinstance(a, SetRoutingShare)]
+    return action
+
+
+def test_default_classes_match_packaged_calibration() -> None:
+    weights = weights_from_json(WEIGHTS.read_text())
+    assert len(weights.calibration) == len(DEFAULT_CLASSES)
+    for a, b in zip(weights.calibration, DEFAULT_CLASSES, strict=True):
+        assert a.share == pytest.approx(b.share, abs=1e-3)
+        assert a.quality_large == pytest.approx(b.quality_large, abs=1e-3)
+        assert a.quality_small == pytest.approx(b.quality_small, abs=1e-3)
+        assert min(a.upper, 1e6) == pytest.approx(min(b.upper, 1e6), abs=1e-4)
+
+
+def test_no_pressure_routes_only_where_the_fallback_is_better() -> None:
+    snap = make_snapshot(demand_tok_s=10.0)
+    plan = plan_routing(snap)
+    a = share_of(plan)
+    # only the easiest band (where the small model scores higher) goes to the fallback
+    better = sum(b.share for b in DEFAULT_CLASSES if b.quality_small > b.quality_large + 1e-4)
+    assert a.fallback_share <= better + 0.01
+    assert plan.explanation.solver_status == SolverStatus.OPTIMAL
+    assert a.expected_quality >= 1.0 - 1e-6  # no quality given up without pressure
+
+
+def test_burst_beyond_capacity_shifts_traffic_to_fallback() -> None:
+    calm = make_snapshot(demand_tok_s=100.0)
+    cap = large_capacity(calm)
+    burst = make_snapshot(demand_tok_s=cap * 1.2)
+    p0 = plan_routing(calm)
+    p1 = plan_routing(burst, state=RoutingState.model_validate(p0.state))
+    a = share_of(p1)
+    # large model keeps to its target utilisation: served share <= 0.8 * cap / demand
+    assert (1 - a.fallback_share) * cap * 1.2 <= 0.8 * cap + 1e-6
+    assert p1.explanation.reason == Reason.CAPACITY_PRESSURE
+    assert a.version == share_of(p0).version + 1
+    assert a.threshold > share_of(p0).threshold
+
+
+def test_power_cap_reduces_capacity_and_shifts_more() -> None:
+    demand = large_capacity(make_snapshot()) * 0.9
+    uncapped = share_of(plan_routing(make_snapshot(demand_tok_s=demand)))
+    capped_snap = make_snapshot(demand_tok_s=demand, cap_w=0.4 * H100.tdp_w)
+    assert large_capacity(capped_snap) < large_capacity(make_snapshot())
+    capped = share_of(plan_routing(capped_snap))
+    assert capped.fallback_share > uncapped.fallback_share + 0.05
+
+
+def test_quality_floor_is_never_violated() -> None:
+    snap = make_snapshot(demand_tok_s=large_capacity(make_snapshot()) * 5, floor=0.95)
+    plan = plan_routing(snap)
+    a = share_of(plan)
+    assert a.expected_quality >= 0.95 - 1e-6
+    assert plan.explanation.reason == Reason.QUALITY_FLOOR
+
+
+def test_hysteresis_shifts_back_only_below_release_utilisation() -> None:
+    cap = large_capacity(make_snapshot())
+    config = RoutingConfig(release_margin=0.3)
+    state = RoutingState()
+    p_burst = plan_routing(make_snapshot(demand_tok_s=cap * 1.5), config, state)
+    high = share_of(p_burst).fallback_share
+    # load falls to just under the target utilisation: the LP alone would route ~nothing,
+    # but 0.75 * cap > release utilisation (0.5 * cap), so part of the shift is held
+    p_hold = plan_routing(make_snapshot(demand_tok_s=cap * 0.75), config, RoutingState.model_validate(p_burst.state))
+    held = share_of(p_hold).fallback_share
+    fresh = share_of(plan_routing(make_snapshot(demand_tok_s=cap * 0.75), config)).fallback_share
+    assert fresh < held < high
+    assert p_hold.explanation.reason == Reason.STABILISING
+    # well below the release utilisation the shift is undone
+    p_low = plan_routing(make_snapshot(demand_tok_s=cap * 0.3), config, RoutingState.model_validate(p_hold.state))
+    assert share_of(p_low).fallback_share == pytest.approx(fresh, abs=1e-3)
+
+
+def test_same_snapshot_same_plan_and_stable_version() -> None:
+    snap = make_snapshot(demand_tok_s=large_capacity(make_snapshot()))
+    p1 = plan_routing(snap)
+    p2 = plan_routing(snap)
+    assert p1.id == p2.id
+    p3 = plan_routing(snap, state=RoutingState.model_validate(p1.state))
+    assert share_of(p3).version == share_of(p1).version
+    assert p3.explanation.reason == Reason.NO_CHANGE
+    json.loads(p3.to_json())
+
+
+def test_threshold_baseline_ignores_capacity() -> None:
+    cap = large_capacity(make_snapshot())
+    a = share_of(plan_threshold(make_snapshot(demand_tok_s=10.0)))
+    b = share_of(plan_threshold(make_snapshot(demand_tok_s=cap * 3)))
+    assert a.fallback_share == b.fallback_share
+    assert a.expected_quality >= 0.8 - 1e-6
+    assert a.fallback_share == pytest.approx(max_share_at_floor(DEFAULT_CLASSES, 0.8), abs=1e-6)
+
+
+def test_no_fallback_no_actions() -> None:
+    snap = make_snapshot()
+    big = snap.deployment("big").model_copy(update={"fallback": None})
+    plan = plan_routing(snap.model_copy(update={"deployments": (big, snap.deployment("small"))}))
+    assert plan.is_noop
+
+
+@settings(max_examples=30, deadline=None)
+@given(share=st.floats(0.0, 1.0))
+def test_threshold_routes_the_requested_share(share: float) -> None:
+    shares = shares_for_total(DEFAULT_CLASSES, share)
+    assert total_share(DEFAULT_CLASSES, shares) == pytest.approx(share, abs=1e-9)
+    t = threshold_for_share(DEFAULT_CLASSES, share)
+    # the threshold is monotone in the share
+    assert threshold_for_share(DEFAULT_CLASSES, min(share + 0.05, 1.0)) >= t
+
+
+@settings(max_examples=25, deadline=None)
+@given(load=st.floats(0.05, 6.0), floor=st.floats(0.7, 1.0), replicas=st.integers(0, 4))
+def test_plan_never_below_floor_and_valid(load: float, floor: float, replicas: int) -> None:
+    cap = large_capacity(make_snapshot()) or 1.0
+    plan = plan_routing(make_snapshot(demand_tok_s=cap * load, floor=floor, large_replicas=replicas))
+    a = share_of(plan)
+    assert 0.0 <= a.fallback_share <= 1.0
+    assert relative_quality(DEFAULT_CLASSES, shares_for_total(DEFAULT_CLASSES, a.fallback_share)) >= floor - 1e-4

@@ -1,0 +1,318 @@
+"""Train the difficulty scorer (``policies/difficulty.py``) on RouteLLM's MMLU labels.
+
+``python -m wattplane.train_router [--data-dir DIR] [--seed 0] [--out policies/data/router_weights.json]``
+
+Data: ``routing/routellm-mmlu/mmlu_<subject>.csv`` (columns ``prompt``, one boolean column per
+model: Mixtral-8x7B-Instruct is the small model, gpt-4-1106-preview the large one). Prompts listed
+in ``contaminated_prompts.jsonl`` (``eval_prompt``) are dropped, as RouteLLM's own evaluation does.
+Questions (unique prompt texts) are split 50/50 with a fixed seed; the held-out half is never
+seen by training, the regularisation strength is picked on a further split of the training half
+only. Target: ``correct_large - correct_small`` in {-1, 0, 1}; model: ridge regression over the
+scorer's features, solved by conjugate gradients on the sparse design (numpy only). The weights
+file records the data files (with SHA-256), seed, split sizes, the chosen penalty and the
+held-out metrics, so the blob can be audited and rebuilt.
+
+Metrics follow RouteLLM's ``evals/evaluate.py`` exactly (fractions here instead of percent):
+thresholds are the 11 edges of ``qcut(scores, 10)``; at edge i (< last) a request goes to the
+large model when ``score >= edge`` (at the last edge when ``score > edge``); each threshold gives
+(share of large calls, accuracy). APGR = (trapz(acc, share) - weak * span) / ((strong - weak) * span)
+over that curve; CPT(x) = ``np.interp(weak + x * (strong - weak), acc, share)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from policies.difficulty import (
+    LENGTH_BUCKETS,
+    CalibrationBin,
+    RouterWeights,
+    hashed_features,
+    length_bucket,
+    score_many,
+    tokens,
+)
+from wattplane.datasets import MissingDataError, data_file
+
+SMALL_MODEL = "mistralai/Mixtral-8x7B-Instruct-v0.1"
+LARGE_MODEL = "gpt-4-1106-preview"
+LABELS_DIR = "routing/routellm-mmlu"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "policies" / "data" / "router_weights.json"
+BUCKETS = 1 << 16
+CALIBRATION_BINS = 10
+
+
+@dataclass(frozen=True)
+class Question:
+    prompt: str
+    subject: str
+    small: float  # 1.0 when the small model answered correctly
+    large: float
+
+
+def labels_dir(data_dir: str | None, labels: str | None = None) -> Path:
+    if labels:
+        p = Path(labels)
+        if not p.is_dir():
+            raise MissingDataError(f"missing labels directory {p}")
+        return p
+    return data_file(LABELS_DIR, data_dir)
+
+
+def load_questions(folder: Path) -> tuple[list[Question], list[Path], int]:
+    """All questions with both labels, minus contaminated prompts; returns (questions, files, dropped)."""
+    files = sorted(folder.glob("mmlu_*.csv"))
+    if not files:
+        raise MissingDataError(f"no mmlu_*.csv under {folder} (original: lm-sys/RouteLLM routellm/evals/mmlu/)")
+    contaminated: set[str] = set()
+    cpath = folder / "contaminated_prompts.jsonl"
+    if cpath.exists():
+        for line in cpath.read_text().splitlines():
+            if line.strip():
+                contaminated.add(json.loads(line)["eval_prompt"])
+    out: list[Question] = []
+    dropped = 0
+    csv.field_size_limit(sys.maxsize)
+    for f in files:
+        subject = f.stem.removeprefix("mmlu_")
+        with f.open(newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row["prompt"] in contaminated:
+                    dropped += 1
+                    continue
+                out.append(Question(row["prompt"], subject, _bool(row[SMALL_MODEL]), _bool(row[LARGE_MODEL])))
+    return out, files + ([cpath] if cpath.exists() else []), dropped
+
+
+def _bool(text: str) -> float:
+    return 1.0 if text.strip().lower() == "true" else 0.0
+
+
+def split_by_question(
+    questions: Sequence[Question], seed: int, test_fraction: float = 0.5
+) -> tuple[list[int], list[int]]:
+    """Indices (train, test): every copy of a prompt text lands on the same side."""
+    unique = sorted({q.prompt for q in questions})
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(unique))
+    n_test = round(test_fraction * len(unique))
+    test_prompts = {unique[i] for i in order[:n_test]}
+    train = [i for i, q in enumerate(questions) if q.prompt not in test_prompts]
+    test = [i for i, q in enumerate(questions) if q.prompt in test_prompts]
+    return train, test
+
+
+# -- RouteLLM's metrics ------------------------------------------------------------------------
+
+def routing_curve(scores: Sequence[float], small: Sequence[float], large: Sequence[float], bins: int = 10
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(share of large-model calls, accuracy) at RouteLLM's qcut thresholds, sorted by share."""
+    s = np.asarray(scores, dtype=float)
+    w = np.asarray(small, dtype=float)
+    g = np.asarray(large, dtype=float)
+    edges = np.quantile(s, np.linspace(0, 1, bins + 1))
+    shares, accs = [], []
+    for i, t in enumerate(edges):
+        sel = s >= t if i != len(edges) - 1 else s > t
+        shares.append(sel.mean())
+        accs.append(np.where(sel, g, w).mean())
+    order = np.argsort(shares, kind="stable")
+    return np.asarray(shares)[order], np.asarray(accs)[order]
+
+
+def apgr_cpt(scores: Sequence[float], small: Sequence[float], large: Sequence[float]) -> dict[str, float]:
+    shares, accs = routing_curve(scores, small, large)
+    weak = float(np.mean(small))
+    strong = float(np.mean(large))
+    span = float(shares[-1] - shares[0])
+    auc = float(np.trapezoid(accs, shares))
+    apgr = (auc - weak * span) / ((strong - weak) * span)
+    cpt = {f"cpt{int(x * 100)}": float(np.interp(weak + x * (strong - weak), accs, shares)) for x in (0.5, 0.8)}
+    return {"apgr": apgr, **cpt, "small_accuracy": weak, "large_accuracy": strong}
+
+
+# -- features and ridge ------------------------------------------------------------------------
+
+@dataclass
+class Design:
+    rows: np.ndarray
+    cols: np.ndarray
+    vals: np.ndarray
+    n: int
+    dim: int
+
+
+def build_design(questions: Sequence[Question], subjects: Sequence[str], use_subject: bool = True) -> Design:
+    """Sparse design: hashed n-grams [0, BUCKETS), length buckets, subjects, then a bias column."""
+    subj_index = {s: i for i, s in enumerate(subjects)}
+    len_base = BUCKETS
+    subj_base = len_base + len(LENGTH_BUCKETS) + 1
+    bias_col = subj_base + len(subjects)
+    rows: list[int] = []
+    cols: list[int] = []
+    vals: list[float] = []
+    for r, q in enumerate(questions):
+        for k, v in hashed_features(q.prompt, BUCKETS).items():
+            rows.append(r)
+            cols.append(k)
+            vals.append(v)
+        rows.append(r)
+        cols.append(len_base + length_bucket(len(tokens(q.prompt))))
+        vals.append(1.0)
+        if use_subject:
+            rows.append(r)
+            cols.append(subj_base + subj_index[q.subject])
+            vals.append(1.0)
+        rows.append(r)
+        cols.append(bias_col)
+        vals.append(1.0)
+    return Design(np.asarray(rows), np.asarray(cols), np.asarray(vals), len(questions), bias_col + 1)
+
+
+def ridge(design: Design, y: np.ndarray, lam: float, iters: int = 300) -> np.ndarray:
+    """argmin ||Xw - y||^2 + lam ||w||^2 (bias included, lightly penalised) by conjugate gradients."""
+    X = design
+
+    def xv(v: np.ndarray) -> np.ndarray:
+        return np.bincount(X.rows, weights=X.vals * v[X.cols], minlength=X.n)
+
+    def xtu(u: np.ndarray) -> np.ndarray:
+        return np.bincount(X.cols, weights=X.vals * u[X.rows], minlength=X.dim)
+
+    def a(v: np.ndarray) -> np.ndarray:
+        return xtu(xv(v)) + lam * v
+
+    w = np.zeros(X.dim)
+    r = xtu(y) - a(w)
+    p = r.copy()
+    rs = float(r @ r)
+    for _ in range(iters):
+        ap = a(p)
+        alpha = rs / float(p @ ap)
+        w += alpha * p
+        r -= alpha * ap
+        rs_new = float(r @ r)
+        if rs_new < 1e-12:
+            break
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+    return w
+
+
+def to_weights(w: np.ndarray, subjects: Sequence[str], use_subject: bool) -> RouterWeights:
+    len_base = BUCKETS
+    subj_base = len_base + len(LENGTH_BUCKETS) + 1
+    hashed = {int(i): float(f"{w[i]:.4g}") for i in np.nonzero(np.abs(w[:BUCKETS]) > 1e-4)[0]}
+    return RouterWeights(
+        buckets=BUCKETS,
+        bias=float(w[-1]),
+        weights=hashed,
+        length_weights={i: float(w[len_base + i]) for i in range(len(LENGTH_BUCKETS) + 1)},
+        subject_weights={s: float(w[subj_base + j]) for j, s in enumerate(subjects)} if use_subject else {},
+    )
+
+
+def fit(questions: Sequence[Question], subjects: Sequence[str], lam: float, use_subject: bool = True) -> RouterWeights:
+    y = np.asarray([q.large - q.small for q in questions])
+    return to_weights(ridge(build_design(questions, subjects, use_subject), y, lam), subjects, use_subject)
+
+
+def evaluate(weights: RouterWeights, questions: Sequence[Question], use_subject: bool = True) -> dict[str, float]:
+    s = score_many(weights, [q.prompt for q in questions], [q.subject if use_subject else None for q in questions])
+    return apgr_cpt(s, [q.small for q in questions], [q.large for q in questions])
+
+
+def calibrate(weights: RouterWeights, questions: Sequence[Question], bins: int = CALIBRATION_BINS
+              ) -> tuple[CalibrationBin, ...]:
+    """Equal-count score bands of the training split, with each model's accuracy in the band."""
+    s = np.asarray(score_many(weights, [q.prompt for q in questions], [q.subject for q in questions]))
+    small = np.asarray([q.small for q in questions])
+    large = np.asarray([q.large for q in questions])
+    edges = np.quantile(s, np.linspace(0, 1, bins + 1))
+    out = []
+    for i in range(bins):
+        lo, hi = float(edges[i]), float(edges[i + 1])
+        sel = (s >= lo) & (s <= hi) if i == 0 else (s > lo) & (s <= hi)
+        n = int(sel.sum())
+        out.append(CalibrationBin(
+            lower=lo if i else -1e9, upper=hi if i < bins - 1 else 1e9, share=n / len(s),
+            quality_large=float(large[sel].mean()) if n else 0.0,
+            quality_small=float(small[sel].mean()) if n else 0.0,
+        ))
+    total = sum(b.share for b in out)
+    return tuple(b.model_copy(update={"share": b.share / total}) for b in out)
+
+
+LAMBDAS = (1.0, 3.0, 10.0, 30.0)
+
+
+def train(folder: Path, seed: int, use_subject: bool = True) -> tuple[RouterWeights, dict[str, object]]:
+    """Fit on the training half (penalty chosen on an inner split of it), report on the held-out half."""
+    questions, files, dropped = load_questions(folder)
+    subjects = sorted({q.subject for q in questions})
+    train_idx, test_idx = split_by_question(questions, seed)
+    train_q = [questions[i] for i in train_idx]
+    test_q = [questions[i] for i in test_idx]
+    inner_fit, inner_val = split_by_question(train_q, seed + 1, test_fraction=0.25)
+    val_scores = {}
+    for lam in LAMBDAS:
+        w = fit([train_q[i] for i in inner_fit], subjects, lam, use_subject)
+        val_scores[lam] = evaluate(w, [train_q[i] for i in inner_val], use_subject)["apgr"]
+    best = max(LAMBDAS, key=lambda lam: val_scores[lam])
+    weights = fit(train_q, subjects, best, use_subject)
+    held_out = evaluate(weights, test_q, use_subject)
+    provenance: dict[str, object] = {
+        "trainer": "wattplane/train_router.py",
+        "data": [{"file": f.name, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()} for f in files],
+        "source": "lm-sys/RouteLLM routellm/evals/mmlu/ (Apache-2.0)",
+        "small_model": SMALL_MODEL,
+        "large_model": LARGE_MODEL,
+        "target": "correct_large - correct_small",
+        "contaminated_dropped": dropped,
+        "seed": seed,
+        "split": "by unique prompt, 50/50; penalty chosen on a 75/25 split of the training half (seed+1)",
+        "train_questions": len(train_q),
+        "test_questions": len(test_q),
+        "use_subject": use_subject,
+        "ridge_lambda": best,
+        "validation_apgr": {str(k): round(v, 4) for k, v in val_scores.items()},
+        "held_out": {k: round(v, 4) for k, v in held_out.items()},
+    }
+    calibration = calibrate(weights, train_q)
+    return weights.model_copy(update={"calibration": calibration, "provenance": provenance}), provenance
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--labels", default=None, help="directory with mmlu_*.csv (overrides --data-dir)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--no-subject", action="store_true", help="text features only")
+
+
+def run(args: argparse.Namespace) -> int:
+    weights, provenance = train(labels_dir(args.data_dir, args.labels), args.seed, not args.no_subject)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(weights.model_dump_json())
+    sys.stdout.write(json.dumps({"out": str(out), "bytes": out.stat().st_size, **provenance}, indent=2) + "\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wattplane.train_router", description=__doc__.split("\n")[0])
+    configure(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
