@@ -1,0 +1,501 @@
+"""Power oversubscription: choose a power cap per GPU that keeps each power domain under budget.
+
+Per PowerDomain, from the latest per-GPU telemetry (draw, current limit, priority of what runs on
+it), pick one discrete cap level per GPU so that predicted domain power stays at or below
+``budget * (1 - safety_margin)`` minus a volatility allowance, minimising weighted throughput loss
+(best-effort GPUs are cheap to cap, latency-critical ones very expensive). The structure is a
+multiple-choice knapsack: each GPU picks one option (uncapped or a level), options cost throughput
+(from the phase power model's concave speed-vs-cap curve) and save watts. Its LP relaxation is
+solved exactly by a greedy over each GPU's convex hull of (watts saved, cost) — that gives both a
+feasible integer plan and a lower bound; CP-SAT (hinted with the greedy plan, time-limited) polishes
+only when the gap is worth it. Releasing caps uses hysteresis: caps are raised only while the
+prediction stays a further ``release_hysteresis`` of the budget below the target, and only after a
+cap has been held ``min_hold_s``. The per-GPU demand estimate and the domain's volatility live in
+:class:`PowerState`, threaded through ``Plan.state``.
+
+Why a cap level and not "who": a GPU pinned at its cap hides its true demand, so the state keeps
+the last unpinned reading; an unknown pinned GPU is assumed to want its maximum power.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ortools.sat.python import cp_model
+from pydantic import Field
+
+from policies.plan import Explanation, Plan, PolicyName, Reason, SetPowerCap, SolverStatus
+from policies.power_model import clock_for_cap, legal_cap_w, phase_speed
+from policies.snapshot import AcceleratorSpec, Fraction, Frozen, NonNegFloat, PowerDomain, PriorityClass, Snapshot
+
+Clock = Callable[[], float]
+
+# Integer scales for CP-SAT (it only takes integers): watts x10, cost x1e5.
+_WATT_SCALE = 10
+_COST_SCALE = 100_000
+
+
+class PowerConfig(Frozen):
+    """Tunables of the power policy; defaults are what the benchmark measured."""
+
+    cap_fractions: tuple[Fraction, ...] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)  # levels, x TDP (clamped legal)
+    weight_best_effort: NonNegFloat = 1.0  # cost of losing all of a best-effort GPU's throughput
+    weight_standard: NonNegFloat = 10.0
+    weight_latency_critical: NonNegFloat = 1000.0
+    cap_cost: NonNegFloat = 0.01  # per capped GPU: prefer fewer, deeper caps (fewer commands, fewer GPUs hurt)
+    change_cost: NonNegFloat = 0.005  # per changed GPU: against churn between cycles
+    release_hysteresis: Fraction = 0.05  # x budget: raise caps only this far below the target
+    min_hold_s: NonNegFloat = 5.0  # a cap stays at least this long before it is raised
+    volatility_k: NonNegFloat = 3.0  # allowance = k x EWMA of the domain's upward swings per cycle
+    volatility_alpha: Fraction = 0.1  # EWMA weight of the newest swing
+    pinned_tolerance: Fraction = 0.03  # a reading within this share of its limit is "pinned at the cap"
+    frequency_lock: bool = False  # also send the SM clock that realises the cap (POLCA's lever)
+    time_limit_s: NonNegFloat = 0.2  # CP-SAT wall-time limit per domain
+    polish_gap: NonNegFloat = 0.01  # run CP-SAT only when the greedy's relative gap exceeds this
+    use_solver: bool = True
+
+
+class GPUMemory(Frozen):
+    """What the policy remembers about one GPU between cycles."""
+
+    demand_w: NonNegFloat  # last draw seen while not pinned at a cap (its uncapped demand)
+    capped_since: float | None = None  # snapshot.now when the current cap was first set
+
+
+class DomainMemory(Frozen):
+    last_draw_w: NonNegFloat | None = None
+    swing_w: NonNegFloat = 0.0  # EWMA of upward changes of domain draw per cycle
+    last_now: float | None = None
+    over_budget_s: NonNegFloat = 0.0  # accumulated seconds with measured draw above budget
+
+
+class PowerState(Frozen):
+    """Persisted between cycles (in PowerDomain status); keys are ``node/index``."""
+
+    gpus: dict[str, GPUMemory] = Field(default_factory=dict)
+    domains: dict[str, DomainMemory] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GPUView:
+    """One GPU as the solver sees it."""
+
+    key: str
+    node: str
+    index: int
+    spec: AcceleratorSpec
+    priority: PriorityClass
+    reading_w: float
+    current_cap_w: float | None  # None: uncapped (no limit, or limit at max)
+    demand_w: float  # predicted draw if uncapped next cycle
+    pinned: bool
+
+
+@dataclass(frozen=True)
+class Option:
+    cap_w: float | None
+    power_w: float
+    cost: float
+
+
+@dataclass(frozen=True)
+class Solution:
+    choice: tuple[int, ...]  # option index per GPU
+    objective: float
+    bound: float
+    feasible: bool
+    status: SolverStatus
+    solve_ms: float
+
+
+@dataclass(frozen=True)
+class DomainResult:
+    domain: PowerDomain
+    gpus: tuple[GPUView, ...]
+    caps: tuple[float | None, ...]
+    solution: Solution
+    mode: str  # "tighten", "release" or "hold"
+    measured_w: float
+    fixed_w: float  # draw the policy cannot control (GPUs without telemetry/spec), assumed at max
+    predicted_w: float
+    target_w: float
+    memory: DomainMemory
+
+
+def plan_power(
+    snapshot: Snapshot, config: PowerConfig, state: PowerState, clock: Clock | None = None
+) -> Plan:
+    """Caps for every power domain; GPUs outside any domain are left alone."""
+    start = clock() if clock else None
+    results = [_plan_domain(snapshot, d, config, state) for d in snapshot.power_domains]
+    new_state = _next_state(snapshot, state, results)
+    actions = [a for r in results for a in _actions(r, config)]
+    solve_ms = sum(r.solution.solve_ms for r in results)
+    if clock and start is not None:
+        solve_ms = (clock() - start) * 1000.0
+    return Plan(
+        policy=PolicyName.POWER,
+        actions=tuple(actions),
+        explanation=_explain(results, actions, solve_ms),
+        state=new_state.model_dump(mode="json"),
+    )
+
+
+# -- the domain view --------------------------------------------------------------------------
+
+
+def domain_gpus(
+    snapshot: Snapshot, domain: PowerDomain, state: PowerState, pinned_tolerance: float = 0.03
+) -> tuple[tuple[GPUView, ...], float]:
+    """The controllable GPUs of a domain, and the draw of its GPUs the policy cannot control."""
+    members = set(domain.nodes) | {n.name for n in snapshot.nodes if n.power_domain == domain.name}
+    pools = {p.name: p for p in snapshot.pools}
+    specs = {n.name: pools[n.pool].accelerator for n in snapshot.nodes if n.pool in pools}
+    deployments = {d.name: d for d in snapshot.deployments}
+    seen: set[tuple[str, int]] = set()
+    views: list[GPUView] = []
+    fixed = 0.0
+    for t in sorted(snapshot.gpu_telemetry, key=lambda t: (t.node, t.index)):
+        if t.node not in members:
+            continue
+        seen.add((t.node, t.index))
+        spec = specs.get(t.node)
+        if spec is None:
+            fixed += t.power_w
+            continue
+        key = f"{t.node}/{t.index}"
+        cap = legal_cap_w(spec, t.power_limit_w)
+        current = cap if cap is not None and cap < spec.max_power_w - 1e-6 else None
+        pinned = current is not None and t.power_w >= current * (1 - pinned_tolerance)
+        memory = state.gpus.get(key)
+        # A GPU pinned at its cap hides its demand: trust the last unpinned reading, else assume the worst.
+        demand = max(t.power_w, memory.demand_w if memory else spec.max_power_w) if pinned else t.power_w
+        priority = t.priority
+        if priority is None and t.deployment in deployments:
+            priority = deployments[t.deployment].priority
+        views.append(
+            GPUView(key, t.node, t.index, spec, priority or PriorityClass.STANDARD, t.power_w, current,
+                    min(demand, spec.max_power_w), pinned)
+        )
+    for n in snapshot.nodes:  # GPUs that report nothing: assume their worst case
+        if n.name in members:
+            spec = specs.get(n.name)
+            missing = sum(1 for i in range(n.gpus) if (n.name, i) not in seen)
+            fixed += missing * (spec.max_power_w if spec else 0.0)
+    return tuple(views), fixed
+
+
+def _weight(config: PowerConfig, priority: PriorityClass) -> float:
+    return {
+        PriorityClass.BEST_EFFORT: config.weight_best_effort,
+        PriorityClass.STANDARD: config.weight_standard,
+        PriorityClass.LATENCY_CRITICAL: config.weight_latency_critical,
+    }[priority]
+
+
+def cap_levels(spec: AcceleratorSpec, config: PowerConfig) -> tuple[float, ...]:
+    """The distinct legal cap values (W) for a device, highest first; none at or above max power."""
+    levels = {round(legal_cap_w(spec, f * spec.tdp_w) or spec.max_power_w, 1) for f in config.cap_fractions}
+    return tuple(sorted((c for c in levels if c < spec.max_power_w - 1e-6), reverse=True))
+
+
+def options_for(
+    g: GPUView, config: PowerConfig, allow_lower: bool, now: float, memory: GPUMemory | None
+) -> list[Option]:
+    """A GPU's choices: uncapped, each level below its demand, and its current cap.
+
+    ``allow_lower=False`` (release mode) keeps only caps at or above the current one, and a cap
+    younger than ``min_hold_s`` may not move at all.
+    """
+    w = _weight(config, g.priority)
+
+    def cost(cap: float | None) -> float:
+        loss = w * (1.0 - phase_speed(g.demand_w, cap))
+        return loss + (config.cap_cost if cap is not None else 0.0) + (
+            config.change_cost if cap != g.current_cap_w else 0.0
+        )
+
+    def power(cap: float | None) -> float:
+        return g.demand_w if cap is None else min(g.demand_w, cap)
+
+    held = (
+        g.current_cap_w is not None
+        and memory is not None
+        and memory.capped_since is not None
+        and now - memory.capped_since < config.min_hold_s
+    )
+    caps: list[float | None] = [None]
+    caps += [c for c in cap_levels(g.spec, config) if c < g.demand_w]
+    if g.current_cap_w is not None and g.current_cap_w not in caps:
+        caps.append(g.current_cap_w)
+    if not allow_lower:
+        floor = g.current_cap_w
+        caps = [c for c in caps if c is None or (floor is not None and c >= floor)]
+    if held and g.current_cap_w is not None:
+        caps = [c for c in caps if c is not None and c <= g.current_cap_w]
+    return [Option(c, power(c), cost(c)) for c in caps]
+
+
+# -- model / solve -----------------------------------------------------------------------------
+
+
+def solve_greedy(options: list[list[Option]], capacity_w: float) -> Solution:
+    """Exact LP relaxation of the multiple-choice knapsack by convex-hull greedy, rounded up.
+
+    Start every GPU at its cheapest option; while predicted power exceeds ``capacity_w``, take the
+    hull step with the lowest added cost per watt saved. Stopping after the step that reaches the
+    target gives a feasible plan; counting only the needed fraction of that last step gives the LP
+    bound (no integer plan is cheaper).
+    """
+    choice = [min(range(len(opts)), key=lambda k: (opts[k].cost, -opts[k].power_w)) for opts in options]
+    power = sum(opts[k].power_w for opts, k in zip(options, choice, strict=True))
+    objective = sum(opts[k].cost for opts, k in zip(options, choice, strict=True))
+    need = power - capacity_w
+    if need <= 1e-9:
+        return Solution(tuple(choice), objective, objective, True, SolverStatus.OPTIMAL, 0.0)
+    steps: list[tuple[float, int, int, float, float]] = []  # (slope, gpu, to option, watts saved, added cost)
+    for i, opts in enumerate(options):
+        steps += _hull_steps(i, opts, choice[i])
+    steps.sort(key=lambda s: (s[0], s[1], -s[3]))
+    bound = objective
+    position = list(choice)
+    for _slope, i, k, saved, added in steps:
+        fraction = min(1.0, need / saved)
+        bound += added * fraction
+        objective += added
+        position[i] = k
+        need -= saved
+        if need <= 1e-9:
+            return Solution(tuple(position), objective, bound, True, SolverStatus.HEURISTIC, 0.0)
+    return Solution(tuple(position), objective, bound, False, SolverStatus.INFEASIBLE, 0.0)
+
+
+def _hull_steps(i: int, opts: list[Option], start: int) -> list[tuple[float, int, int, float, float]]:
+    """Lower convex hull of (watts saved, added cost) from the start option, as increments."""
+    base = opts[start]
+    points = sorted(
+        ((base.power_w - o.power_w, o.cost - base.cost, k) for k, o in enumerate(opts) if o.power_w < base.power_w),
+        key=lambda p: p[0],
+    )
+    steps = []
+    at_s, at_c = 0.0, 0.0
+    while points:
+        best = min(points, key=lambda p: ((p[1] - at_c) / (p[0] - at_s), -p[0]))
+        ds, dc = best[0] - at_s, best[1] - at_c
+        steps.append((dc / ds, i, best[2], ds, dc))
+        at_s, at_c = best[0], best[1]
+        points = [p for p in points if p[0] > at_s + 1e-9]
+    return steps
+
+
+def build_model(
+    options: list[list[Option]], capacity_w: float, hint: tuple[int, ...]
+) -> tuple[cp_model.CpModel, list[list[cp_model.IntVar]]]:
+    """CP-SAT: one option per GPU, predicted power within capacity, minimum total cost."""
+    model = cp_model.CpModel()
+    # pick[i][k] = 1 if GPU i (in domain order) takes option k (uncapped or a cap level)
+    pick = [[model.new_bool_var(f"pick[{i},{k}]") for k in range(len(opts))] for i, opts in enumerate(options)]
+    # Each GPU takes exactly one option.
+    for row in pick:
+        model.add_exactly_one(row)
+    # Predicted domain power stays within capacity (watts rounded up, so the integer model is safe).
+    model.add(
+        sum(math.ceil(o.power_w * _WATT_SCALE) * v for opts, row in zip(options, pick, strict=True)
+            for o, v in zip(opts, row, strict=True))
+        <= math.floor(capacity_w * _WATT_SCALE)
+    )
+    model.minimize(
+        sum(round(o.cost * _COST_SCALE) * v for opts, row in zip(options, pick, strict=True)
+            for o, v in zip(opts, row, strict=True))
+    )
+    for row, k in zip(pick, hint, strict=True):
+        for j, v in enumerate(row):
+            model.add_hint(v, j == k)
+    return model, pick
+
+
+def solve(
+    options: list[list[Option]], capacity_w: float, config: PowerConfig
+) -> Solution:
+    """Greedy LP first; CP-SAT polish when the gap is worth it and solver time is allowed."""
+    greedy = solve_greedy(options, capacity_w)
+    if not greedy.feasible or not config.use_solver or config.time_limit_s <= 0:
+        return greedy
+    if _gap(greedy.objective, greedy.bound) <= config.polish_gap:
+        return greedy
+    # Only GPUs with a real choice enter the model; the rest keep their only option.
+    free = [i for i, opts in enumerate(options) if len(opts) > 1]
+    fixed_w = sum(options[i][0].power_w for i, opts in enumerate(options) if len(opts) == 1)
+    fixed_cost = sum(options[i][0].cost for i, opts in enumerate(options) if len(opts) == 1)
+    sub = [options[i] for i in free]
+    model, pick = build_model(sub, capacity_w - fixed_w, tuple(greedy.choice[i] for i in free))
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = config.time_limit_s
+    solver.parameters.num_workers = 1  # deterministic, and the machine is shared
+    status = solver.solve(model)
+    solve_ms = solver.wall_time * 1000.0
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return Solution(greedy.choice, greedy.objective, greedy.bound, True, SolverStatus.HEURISTIC, solve_ms)
+    choice = list(greedy.choice)
+    for i, row in zip(free, pick, strict=True):
+        choice[i] = next(k for k, v in enumerate(row) if solver.boolean_value(v))
+    objective = fixed_cost + sum(options[i][choice[i]].cost for i in free)
+    if objective > greedy.objective:
+        return Solution(greedy.choice, greedy.objective, greedy.bound, True, SolverStatus.HEURISTIC, solve_ms)
+    bound = max(greedy.bound, fixed_cost + solver.best_objective_bound / _COST_SCALE)
+    named = SolverStatus.OPTIMAL if status == cp_model.OPTIMAL else SolverStatus.FEASIBLE
+    return Solution(tuple(choice), objective, min(bound, objective), True, named, solve_ms)
+
+
+def _gap(objective: float, bound: float) -> float:
+    return abs(objective - bound) / max(abs(objective), 1e-9)
+
+
+# -- per domain --------------------------------------------------------------------------------
+
+
+def _plan_domain(snapshot: Snapshot, domain: PowerDomain, config: PowerConfig, state: PowerState) -> DomainResult:
+    gpus, fixed_w = domain_gpus(snapshot, domain, state, config.pinned_tolerance)
+    memory = _domain_memory(snapshot, domain, state, gpus, fixed_w, config)
+    target = domain.budget_w * (1 - domain.safety_margin) - config.volatility_k * memory.swing_w
+    current = tuple(g.current_cap_w for g in gpus)
+    measured = fixed_w + sum(g.reading_w for g in gpus)
+    predicted_now = fixed_w + sum(_predict(g, g.current_cap_w) for g in gpus)
+    if predicted_now > target:
+        mode, capacity, allow_lower = "tighten", target - fixed_w, True
+    else:
+        mode, capacity, allow_lower = "release", target - config.release_hysteresis * domain.budget_w - fixed_w, False
+    options = [options_for(g, config, allow_lower, snapshot.now, state.gpus.get(g.key)) for g in gpus]
+    solution = solve(options, capacity, config)
+    if mode == "release" and not solution.feasible:
+        # Not enough room to raise anything without losing the hysteresis band: keep every cap.
+        mode = "hold"
+        caps = current
+        solution = Solution(solution.choice, 0.0, 0.0, True, SolverStatus.NOT_RUN, solution.solve_ms)
+    elif not solution.feasible:
+        # Even every option's deepest cap misses the target: apply the deepest caps (a named fallback).
+        caps = tuple(min((o.cap_w for o in opts if o.cap_w is not None), default=None) for opts in options)
+        caps = tuple(c if c is not None else g.current_cap_w for c, g in zip(caps, gpus, strict=True))
+    else:
+        caps = tuple(options[i][k].cap_w for i, k in enumerate(solution.choice))
+    predicted = fixed_w + sum(_predict(g, c) for g, c in zip(gpus, caps, strict=True))
+    return DomainResult(domain, gpus, caps, solution, mode, measured, fixed_w, predicted, target, memory)
+
+
+def _predict(g: GPUView, cap: float | None) -> float:
+    return g.demand_w if cap is None else min(g.demand_w, cap)
+
+
+def _domain_memory(
+    snapshot: Snapshot, domain: PowerDomain, state: PowerState, gpus: tuple[GPUView, ...], fixed_w: float,
+    config: PowerConfig,
+) -> DomainMemory:
+    """Update the volatility estimate and the over-budget clock from this cycle's measured draw."""
+    old = state.domains.get(domain.name, DomainMemory())
+    draw = fixed_w + sum(g.reading_w for g in gpus)
+    swing = old.swing_w
+    if old.last_draw_w is not None:
+        rise = max(0.0, draw - old.last_draw_w)
+        swing = (1 - config.volatility_alpha) * swing + config.volatility_alpha * rise
+    over = old.over_budget_s
+    if draw > domain.budget_w and old.last_now is not None:
+        over += max(0.0, snapshot.now - old.last_now)
+    return DomainMemory(last_draw_w=draw, swing_w=swing, last_now=snapshot.now, over_budget_s=over)
+
+
+def _next_state(snapshot: Snapshot, state: PowerState, results: list[DomainResult]) -> PowerState:
+    gpus: dict[str, GPUMemory] = {}
+    for r in results:
+        for g, cap in zip(r.gpus, r.caps, strict=True):
+            old = state.gpus.get(g.key)
+            since = None
+            if cap is not None:
+                same = g.current_cap_w is not None and old is not None and old.capped_since is not None
+                since = old.capped_since if same and old is not None else snapshot.now
+            demand = g.demand_w if not g.pinned else max(g.demand_w, old.demand_w if old else 0.0)
+            gpus[g.key] = GPUMemory(demand_w=demand, capped_since=since)
+    domains = {r.domain.name: r.memory for r in results}
+    return PowerState(gpus=gpus, domains=domains)
+
+
+# -- to plan -----------------------------------------------------------------------------------
+
+
+def _actions(r: DomainResult, config: PowerConfig) -> list[SetPowerCap]:
+    """A command for every GPU whose cap changes; ``None`` limits clear a cap."""
+    out = []
+    for g, cap in zip(r.gpus, r.caps, strict=True):
+        if cap == g.current_cap_w:
+            continue
+        clock = clock_for_cap(g.spec, cap) if (config.frequency_lock and cap is not None) else None
+        out.append(SetPowerCap(node=g.node, gpu=g.index, power_limit_w=cap, clock_limit_mhz=clock,
+                               priority=g.priority))
+    return out
+
+
+def domain_metrics(r: DomainResult) -> dict[str, float]:
+    """What a PowerDomain status needs from one cycle (the controller adds p50/p99 over time)."""
+    capped = [(g, c) for g, c in zip(r.gpus, r.caps, strict=True) if c is not None]
+    return {
+        "budget_w": r.domain.budget_w,
+        "measured_w": round(r.measured_w, 1),
+        "predicted_w": round(r.predicted_w, 1),
+        "target_w": round(r.target_w, 1),
+        "headroom_w": round(r.domain.budget_w - r.measured_w, 1),
+        "caps_applied": float(len(capped)),
+        "caps_best_effort": float(sum(1 for g, _ in capped if g.priority is PriorityClass.BEST_EFFORT)),
+        "caps_latency_critical": float(sum(1 for g, _ in capped if g.priority is PriorityClass.LATENCY_CRITICAL)),
+        "over_budget_s": round(r.memory.over_budget_s, 3),
+        "swing_w": round(r.memory.swing_w, 1),
+    }
+
+
+def _explain(results: list[DomainResult], actions: list[SetPowerCap], solve_ms: float) -> Explanation:
+    if not results:
+        return Explanation(reason=Reason.NO_CHANGE, summary="no power domains")
+    metrics: dict[str, float] = {}
+    for r in results:
+        metrics.update({f"{r.domain.name}.{k}": v for k, v in domain_metrics(r).items()})
+    statuses = [r.solution.status for r in results]
+    infeasible = [r for r in results if not r.solution.feasible]
+    tightening = [r for r in results if r.mode == "tighten"]
+    objective = sum(r.solution.objective for r in results)
+    bound = sum(r.solution.bound for r in results)
+    parts = [
+        f"{r.domain.name}: {r.mode}, measured {r.measured_w:.0f} W, predicted {r.predicted_w:.0f} W "
+        f"<= target {r.target_w:.0f} W of {r.domain.budget_w:.0f} W, "
+        f"{sum(1 for c in r.caps if c is not None)} GPUs capped"
+        for r in results
+    ]
+    fallback = None
+    if infeasible:
+        reason = Reason.OVER_BUDGET
+        fallback = "deepest-caps"
+        parts.insert(0, "budget unreachable even at the deepest caps: deepest caps applied")
+        status = SolverStatus.INFEASIBLE
+    elif tightening and actions:
+        reason = Reason.OVER_BUDGET
+        status = _worst(statuses)
+    elif actions:
+        reason = Reason.UNDER_BUDGET
+        status = _worst(statuses)
+    else:
+        reason = Reason.NO_CHANGE
+        status = _worst(statuses)
+    summary = f"{len(actions)} cap changes; " + "; ".join(parts)
+    return Explanation(reason=reason, summary=summary, objective=objective, bound=bound, solver_status=status,
+                       solve_ms=solve_ms, fallback=fallback, metrics=metrics)
+
+
+def _worst(statuses: list[SolverStatus]) -> SolverStatus:
+    order = [SolverStatus.INFEASIBLE, SolverStatus.UNKNOWN, SolverStatus.HEURISTIC, SolverStatus.FEASIBLE,
+             SolverStatus.OPTIMAL, SolverStatus.NOT_RUN]
+    return min(statuses, key=order.index) if statuses else SolverStatus.NOT_RUN
+
+
+__all__ = [
+    "DomainResult", "GPUMemory", "GPUView", "Option", "PowerConfig", "PowerState", "Solution", "build_model",
+    "cap_levels", "domain_gpus", "domain_metrics", "options_for", "plan_power", "solve", "solve_greedy",
+]

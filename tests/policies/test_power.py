@@ -1,0 +1,239 @@
+"""The power-cap policy: budget held, priorities respected, hysteresis, determinism, solver bounds."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policies.plan import Plan, Reason, SetPowerCap, SolverStatus
+from policies.power import (
+    Option,
+    PowerConfig,
+    PowerState,
+    cap_levels,
+    plan_power,
+    solve_greedy,
+)
+from policies.snapshot import (
+    AcceleratorSpec,
+    GPUTelemetry,
+    Node,
+    Pool,
+    PowerDomain,
+    PriorityClass,
+    Snapshot,
+)
+
+H100 = AcceleratorSpec(
+    model="H100-80GB", memory_gib=80, bf16_tflops=989, hbm_gbps=3350, tdp_w=700, min_power_w=200, max_power_w=700
+)
+BE, LC, STD = PriorityClass.BEST_EFFORT, PriorityClass.LATENCY_CRITICAL, PriorityClass.STANDARD
+
+
+def make_snapshot(
+    draws: list[float],
+    priorities: list[PriorityClass] | None = None,
+    limits: list[float | None] | None = None,
+    budget_w: float = 4000.0,
+    now: float = 0.0,
+    **overrides: Any,
+) -> Snapshot:
+    """One node per GPU (``n{i}``, GPU 0) in one domain ``row``."""
+    n = len(draws)
+    priorities = priorities or [BE] * n
+    limits = limits or [None] * n
+    telemetry = tuple(
+        GPUTelemetry(node=f"n{i}", index=0, power_w=d, priority=p, power_limit_w=lim)
+        for i, (d, p, lim) in enumerate(zip(draws, priorities, limits, strict=True))
+    )
+    fields: dict[str, Any] = {
+        "now": now,
+        "pools": (Pool(name="h100", accelerator=H100, gpus_per_node=1, cost_per_device_hour=2.0),),
+        "nodes": tuple(Node(name=f"n{i}", pool="h100", gpus=1, power_domain="row") for i in range(n)),
+        "power_domains": (PowerDomain(name="row", budget_w=budget_w, safety_margin=0.05),),
+        "gpu_telemetry": telemetry,
+    }
+    fields.update(overrides)
+    return Snapshot(**fields)
+
+
+def caps_of(plan: Plan) -> dict[str, float | None]:
+    return {a.node: a.power_limit_w for a in plan.actions if isinstance(a, SetPowerCap)}
+
+
+def applied(draws: list[float], plan: Plan, old: list[float | None]) -> list[float | None]:
+    caps = caps_of(plan)
+    return [caps.get(f"n{i}", old[i]) if f"n{i}" in caps else old[i] for i in range(len(draws))]
+
+
+def predicted(draws: list[float], limits: list[float | None]) -> float:
+    return sum(d if c is None else min(d, c) for d, c in zip(draws, limits, strict=True))
+
+
+def test_under_budget_changes_nothing() -> None:
+    plan = plan_power(make_snapshot([500.0] * 4, budget_w=4000.0), PowerConfig(), PowerState())
+    assert plan.actions == ()
+    assert plan.explanation.reason is Reason.NO_CHANGE
+
+
+def test_over_budget_caps_best_effort_before_latency_critical() -> None:
+    draws = [690.0] * 8
+    prios = [BE] * 4 + [LC] * 4
+    snap = make_snapshot(draws, prios, budget_w=5000.0)
+    plan = plan_power(snap, PowerConfig(), PowerState())
+    limits = applied(draws, plan, [None] * 8)
+    target = 5000.0 * 0.95
+    assert predicted(draws, limits) <= target + 1e-6
+    assert all(limits[i] is None for i in range(4, 8)), "latency-critical GPUs capped while best-effort could absorb"
+    assert any(limits[i] is not None for i in range(4))
+    assert plan.explanation.reason is Reason.OVER_BUDGET
+    assert plan.explanation.bound is not None and plan.explanation.objective is not None
+    assert plan.explanation.bound <= plan.explanation.objective + 1e-9
+    assert all(a.priority is BE for a in plan.actions if isinstance(a, SetPowerCap))
+
+
+def test_latency_critical_capped_only_when_best_effort_is_not_enough() -> None:
+    draws = [690.0] * 4
+    prios = [BE, LC, LC, LC]
+    # Even BE at its deepest level (0.3 TDP -> 210 W) leaves 690*3+210 = 2280 > 0.95 * 2300.
+    plan = plan_power(make_snapshot(draws, prios, budget_w=2300.0), PowerConfig(), PowerState())
+    limits = applied(draws, plan, [None] * 4)
+    assert limits[0] == min(cap_levels(H100, PowerConfig()))
+    assert any(limits[i] is not None for i in (1, 2, 3))
+    assert predicted(draws, limits) <= 2300 * 0.95 + 1e-6
+
+
+def test_unreachable_budget_applies_deepest_caps_and_says_so() -> None:
+    plan = plan_power(make_snapshot([690.0] * 4, budget_w=500.0), PowerConfig(), PowerState())
+    assert set(caps_of(plan).values()) == {min(cap_levels(H100, PowerConfig()))}
+    assert plan.explanation.fallback == "deepest-caps"
+    assert plan.explanation.solver_status is SolverStatus.INFEASIBLE
+
+
+def test_same_snapshot_same_plan() -> None:
+    snap = make_snapshot([650.0, 600.0, 690.0, 300.0, 680.0], [BE, STD, BE, LC, BE], budget_w=2600.0)
+    a = plan_power(snap, PowerConfig(), PowerState())
+    b = plan_power(snap, PowerConfig(), PowerState())
+    assert a.id == b.id and a.actions and a.state == b.state
+
+
+def test_release_has_hysteresis_and_minimum_hold() -> None:
+    config = PowerConfig(min_hold_s=5.0, release_hysteresis=0.05, volatility_k=0.0)
+    draws = [690.0] * 6
+    budget = 4000.0
+    first = plan_power(make_snapshot(draws, budget_w=budget, now=0.0), config, PowerState())
+    limits = applied(draws, first, [None] * 6)
+    state = PowerState.model_validate(first.state)
+    # Demand eases a little: the capped GPUs still want 690 W, uncapped ones draw slightly less, so
+    # releasing a cap would land inside the hysteresis band: nothing is raised.
+    eased = [min(c, 690.0) if c is not None else 640.0 for c in limits]
+    held = plan_power(make_snapshot(eased, limits=limits, budget_w=budget, now=10.0), config, state)
+    assert all(v is not None for v in caps_of(held).values()), "a cap was raised inside the hysteresis band"
+    # Load drops far below: caps are released (None clears a cap), but not before min_hold_s.
+    state2 = PowerState.model_validate(held.state)
+    low = [250.0 if c is None else min(c, 250.0) for c in limits]
+    early = plan_power(make_snapshot(low, limits=limits, budget_w=budget, now=2.0), config, state)
+    assert not [v for v in caps_of(early).values() if v is None]
+    late = plan_power(make_snapshot(low, limits=limits, budget_w=budget, now=20.0), config, state2)
+    released = [n for n, v in caps_of(late).items() if v is None]
+    assert released and late.explanation.reason is Reason.UNDER_BUDGET
+
+
+def test_pinned_gpu_without_history_is_assumed_to_want_max_power() -> None:
+    # Three GPUs pinned at 400 W, no state: the policy must assume 700 W each if it uncapped them.
+    draws = [400.0, 400.0, 400.0]
+    limits: list[float | None] = [400.0, 400.0, 400.0]
+    plan = plan_power(make_snapshot(draws, limits=limits, budget_w=1500.0), PowerConfig(min_hold_s=0), PowerState())
+    new = applied(draws, plan, limits)
+    assert predicted([700.0] * 3, new) <= 1500.0 * 0.95 + 1e-6
+
+
+def test_frequency_lock_sends_clock_with_the_cap() -> None:
+    plan = plan_power(make_snapshot([690.0] * 4, budget_w=2500.0), PowerConfig(frequency_lock=True), PowerState())
+    capped = [a for a in plan.actions if isinstance(a, SetPowerCap) and a.power_limit_w is not None]
+    assert capped and all(a.clock_limit_mhz is not None and a.clock_limit_mhz < 1980.0 for a in capped)
+
+
+def test_state_round_trips_through_plan_json() -> None:
+    plan = plan_power(make_snapshot([690.0] * 4, budget_w=2500.0), PowerConfig(), PowerState())
+    again = Plan.from_json(plan.to_json())
+    assert PowerState.model_validate(again.state) == PowerState.model_validate(plan.state)
+    metrics = plan.explanation.metrics
+    assert metrics["row.budget_w"] == 2500.0 and metrics["row.caps_applied"] >= 1
+
+
+def test_gpus_without_telemetry_count_at_max_power() -> None:
+    snap = make_snapshot([300.0, 300.0], budget_w=1300.0)
+    nodes = (*snap.nodes, Node(name="silent", pool="h100", gpus=1, power_domain="row"))
+    plan = plan_power(snap.model_copy(update={"nodes": nodes}), PowerConfig(), PowerState())
+    # 700 W assumed for the silent GPU + 600 W = 1300 > 0.95 * 1300: someone is capped.
+    assert plan.actions
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.lists(
+        st.tuples(st.floats(min_value=150, max_value=700), st.sampled_from([BE, STD, LC])), min_size=1, max_size=12
+    ),
+    budget_share=st.floats(min_value=0.3, max_value=1.2),
+)
+def test_plan_never_exceeds_target_when_achievable(
+    data: list[tuple[float, PriorityClass]], budget_share: float
+) -> None:
+    draws = [d for d, _ in data]
+    prios = [p for _, p in data]
+    budget = budget_share * 700.0 * len(draws)
+    plan = plan_power(make_snapshot(draws, prios, budget_w=budget), PowerConfig(use_solver=False), PowerState())
+    limits = applied(draws, plan, [None] * len(draws))
+    deepest = min(cap_levels(H100, PowerConfig()))
+    achievable = predicted(draws, [deepest] * len(draws)) <= 0.95 * budget
+    if achievable:
+        assert predicted(draws, limits) <= 0.95 * budget + 1e-6
+    else:
+        assert plan.explanation.fallback == "deepest-caps"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(
+        st.lists(st.tuples(st.floats(min_value=0, max_value=300), st.floats(min_value=0, max_value=5)), min_size=1,
+                 max_size=4),
+        min_size=1, max_size=4,
+    ),
+    capacity=st.floats(min_value=0, max_value=1200),
+)
+def test_greedy_bound_brackets_the_brute_force_optimum(
+    rows: list[list[tuple[float, float]]], capacity: float
+) -> None:
+    options = [[Option(None, p, c) for p, c in row] for row in rows]
+    best = None
+    for combo in itertools.product(*[range(len(r)) for r in options]):
+        power = sum(options[i][k].power_w for i, k in enumerate(combo))
+        cost = sum(options[i][k].cost for i, k in enumerate(combo))
+        if power <= capacity + 1e-9 and (best is None or cost < best):
+            best = cost
+    sol = solve_greedy(options, capacity)
+    if best is None:
+        assert not sol.feasible
+        return
+    assert sol.feasible
+    assert sol.bound <= best + 1e-6 <= sol.objective + 2e-6
+    assert sum(options[i][k].power_w for i, k in enumerate(sol.choice)) <= capacity + 1e-6
+
+
+def test_cap_levels_are_legal_and_below_max() -> None:
+    levels = cap_levels(H100, PowerConfig())
+    assert levels == tuple(sorted(levels, reverse=True))
+    assert all(H100.min_power_w <= c < H100.max_power_w for c in levels)
+
+
+@pytest.mark.parametrize("priority", [BE, STD])
+def test_cheaper_classes_absorb_caps_first(priority: PriorityClass) -> None:
+    draws = [690.0] * 4
+    prios = [priority, priority, LC, LC]
+    plan = plan_power(make_snapshot(draws, prios, budget_w=2500.0), PowerConfig(), PowerState())
+    assert {a.node for a in plan.actions} <= {"n0", "n1"}
