@@ -1,0 +1,413 @@
+"""The level-triggered reconciler: watch -> queue of keys -> reconcile(key).
+
+Watches only enqueue keys (``md:<ns>/<name>``, ``pool:<name>``). A worker takes a key and runs
+one pass: *passive sync* (read the caches, build the Snapshot, observe what runs) then *active
+step* (run the policy pipeline, hand this deployment's part of the Plan to the one executor),
+then writes status once, with Events on changes and bad input. Every pass works from the whole
+current state, not from the event that woke it, so a missed or repeated event, a restart or a
+crash half-way all converge to the same objects.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from controller.api import convert
+from controller.api import models as api
+from controller.executor import render as r
+from controller.executor.executor import DisruptionBudget, Executor, desired_from_plan, observe
+from controller.kube import Kube, KubeClusterPort, KubeError
+from controller.metrics import Metrics
+from controller.pipeline import run_pipeline, unplaced
+from controller.reconciler.informer import Informer
+from controller.reconciler.queue import ShutDown, WorkQueue
+from controller.reconciler.status import Problem, deployment_status, pool_status, wire
+from controller.snapshot_builder import Built, build_snapshot
+from policies.plan import Plan, PolicyName, SetReplicas
+
+log = logging.getLogger(__name__)
+
+FINALIZER = "wattplane.io/cleanup"
+MANAGED_SELECTOR = f"{r.MANAGED_BY}={r.MANAGED_BY_VALUE}"
+MD = "md:"
+POOL = "pool:"
+
+
+def iso_now(wall: float) -> str:
+    return dt.datetime.fromtimestamp(wall, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _node_fingerprint(node: Mapping[str, Any] | None) -> tuple[Any, ...]:
+    if node is None:
+        return ()
+    status = node.get("status") or {}
+    conds = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+    return (tuple(sorted((node["metadata"].get("labels") or {}).items())),
+            (status.get("allocatable") or {}).get(r.GPU_RESOURCE), conds.get("Ready"),
+            (node.get("spec") or {}).get("unschedulable"))
+
+
+def _owner(obj: Mapping[str, Any]) -> str | None:
+    for ref in obj["metadata"].get("ownerReferences") or []:
+        if ref.get("kind") == "ModelDeployment":
+            return convert.deployment_key(obj["metadata"]["namespace"], ref["name"])
+    return None
+
+
+class Controller:
+    def __init__(self, kube: Kube, metrics: Metrics | None = None, *, workers: int = 2,
+                 resync_s: float | None = None, dry_run: bool = False, identity: str = "wattplane") -> None:
+        self.kube = kube
+        self.metrics = metrics or Metrics()
+        self.kube.on_request = lambda verb: self.metrics.api_requests.labels(verb).inc()
+        self.workers = workers
+        self.resync_override = resync_s
+        self.dry_run = dry_run
+        self.identity = identity
+        self.queue = WorkQueue()
+        self.executor = Executor(KubeClusterPort(kube))
+        self.stop_event = threading.Event()
+        self._gen = 0
+        self._gen_lock = threading.Lock()
+        self._plan_lock = threading.Lock()
+        self._memo: tuple[int, Built, list[Plan]] | None = None
+        self._threads: list[threading.Thread] = []
+        self.reconcile_count = 0
+        inf = self.informers = {
+            "AcceleratorPool": Informer(kube, "AcceleratorPool", self._on_fleet_object),
+            "PowerDomain": Informer(kube, "PowerDomain", self._on_fleet_object),
+            "FleetPolicy": Informer(kube, "FleetPolicy", self._on_fleet_object),
+            "ModelDeployment": Informer(kube, "ModelDeployment", self._on_md),
+            "Node": Informer(kube, "Node", self._on_node),
+            "Deployment": Informer(kube, "Deployment", self._on_owned, label_selector=MANAGED_SELECTOR),
+            "Pod": Informer(kube, "Pod", self._on_owned, label_selector=MANAGED_SELECTOR),
+        }
+        for i in inf.values():
+            i.on_error = self._on_watch_error
+
+    def _on_watch_error(self, kind: str, exc: Exception) -> None:
+        self.metrics.reconcile_errors.labels("watch:" + kind, type(exc).__name__).inc()
+
+    # -- event handlers: cheap, they only bump the cache generation and enqueue keys ---------------
+    def _bump(self) -> None:
+        with self._gen_lock:
+            self._gen += 1
+
+    def _enqueue_all(self) -> None:
+        for md in self.informers["ModelDeployment"].items():
+            self.queue.add(MD + convert.deployment_key(md["metadata"]["namespace"], md["metadata"]["name"]))
+        for pool in self.informers["AcceleratorPool"].items():
+            self.queue.add(POOL + pool["metadata"]["name"])
+
+    def _on_fleet_object(self, kind: str, new: dict[str, Any] | None, old: dict[str, Any] | None) -> None:
+        if new is not None and old is not None and new["metadata"].get("generation") == old["metadata"].get(
+                "generation"):
+            return  # a status-only update (ours): nothing a policy reads changed
+        self._bump()
+        self._enqueue_all()
+
+    def _on_md(self, kind: str, new: dict[str, Any] | None, old: dict[str, Any] | None) -> None:
+        obj = new or old
+        assert obj is not None
+        if new is not None and old is not None:
+            same = (new["metadata"].get("generation") == old["metadata"].get("generation")
+                    and new["metadata"].get("deletionTimestamp") == old["metadata"].get("deletionTimestamp"))
+            if same:
+                return  # status or finalizer write: the spec did not change
+        self._bump()
+        self.queue.add(MD + convert.deployment_key(obj["metadata"]["namespace"], obj["metadata"]["name"]))
+
+    def _on_node(self, kind: str, new: dict[str, Any] | None, old: dict[str, Any] | None) -> None:
+        if new is not None and old is not None and _node_fingerprint(new) == _node_fingerprint(old):
+            return  # heartbeats
+        self._bump()
+        self._enqueue_all()
+
+    def _on_owned(self, kind: str, new: dict[str, Any] | None, old: dict[str, Any] | None) -> None:
+        obj = new or old
+        assert obj is not None
+        self._bump()
+        owner = _owner(obj)
+        if owner is None:
+            name = (obj["metadata"].get("labels") or {}).get(r.L_DEPLOYMENT)
+            if name:
+                owner = convert.deployment_key(obj["metadata"]["namespace"], name)
+        if owner is not None:
+            self.queue.add(MD + owner)
+        if obj["kind"] == "Pod":
+            for pool in self.informers["AcceleratorPool"].items():
+                self.queue.add(POOL + pool["metadata"]["name"])
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def start(self, sync_timeout_s: float = 60.0) -> None:
+        for i in self.informers.values():
+            i.start()
+        deadline = time.monotonic() + sync_timeout_s
+        for i in self.informers.values():
+            if not i.synced.wait(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"cache of {i.kind} did not sync within {sync_timeout_s}s")
+        self._enqueue_all()
+        for n in range(self.workers):
+            t = threading.Thread(target=self._worker, name=f"worker-{n}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        t = threading.Thread(target=self._resync, name="resync", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    @property
+    def synced(self) -> bool:
+        return all(i.synced.is_set() for i in self.informers.values())
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Graceful: workers finish their current key, watches close."""
+        self.stop_event.set()
+        self.queue.shutdown()
+        for i in self.informers.values():
+            i.stop()
+        deadline = time.monotonic() + timeout_s
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def _resync(self) -> None:
+        while not self.stop_event.wait(self.resync_period()):
+            self._bump()
+            self._enqueue_all()
+
+    def resync_period(self) -> float:
+        if self.resync_override is not None:
+            return self.resync_override
+        return self.fleet_policy().spec.reconcile_period_s
+
+    def fleet_policy(self) -> api.FleetPolicy:
+        obj = self.informers["FleetPolicy"].store.get("default")
+        if obj is None:
+            return api.FleetPolicy(metadata={"name": "default"})
+        try:
+            return api.FleetPolicy.model_validate(obj)
+        except ValidationError:
+            return api.FleetPolicy(metadata={"name": "default"})
+
+    def _worker(self) -> None:
+        while True:
+            try:
+                key = self.queue.get()
+            except ShutDown:
+                return
+            if key is None:
+                continue
+            kind = key.split(":", 1)[0]
+            start = time.perf_counter()
+            try:
+                requeue = self.reconcile(key)
+                self.queue.forget(key)
+                if requeue:
+                    self.queue.add_after(key, requeue)
+                self.metrics.reconciles.labels(kind, "success").inc()
+            except Exception as exc:  # error = retry with backoff
+                delay = self.queue.add_rate_limited(key)
+                self.metrics.reconciles.labels(kind, "error").inc()
+                self.metrics.reconcile_errors.labels(kind, type(exc).__name__).inc()
+                log.warning("reconcile %s failed (%s); retry in %.2fs", key, exc, delay)
+            finally:
+                self.reconcile_count += 1
+                self.metrics.reconcile_seconds.labels(kind).observe(time.perf_counter() - start)
+                self.queue.done(key)
+                self.metrics.queue_depth.set(self.queue.depth())
+
+    # -- passive sync: caches -> snapshot -> plans (memoised per cache generation) --------------------
+    def owned_by(self) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {}
+        for kind in ("Deployment", "Pod"):
+            for obj in self.informers[kind].items():
+                owner = _owner(obj)
+                if owner is not None:
+                    out.setdefault(owner, []).append(obj)
+        return out
+
+    def fleet(self) -> tuple[Built, list[Plan], dict[str, list[dict[str, Any]]]]:
+        with self._plan_lock:
+            gen = self._gen
+            owned = self.owned_by()
+            if self._memo is not None and self._memo[0] == gen:
+                return self._memo[1], self._memo[2], owned
+            built = build_snapshot(
+                pools=self.informers["AcceleratorPool"].items(),
+                power_domains=self.informers["PowerDomain"].items(),
+                deployments=self.informers["ModelDeployment"].items(),
+                nodes=self.informers["Node"].items(),
+                owned=owned,
+                now=time.time(),
+            )
+            plans = run_pipeline(built.snapshot)
+            for plan in plans:
+                self.metrics.solver_seconds.labels(plan.policy.value).observe(plan.explanation.solve_ms / 1000)
+                self.metrics.solver_status.labels(plan.policy.value, plan.explanation.solver_status.value).inc()
+                for action in plan.actions:  # level-triggered fan-out: whoever has work gets a pass
+                    if isinstance(action, SetReplicas):
+                        self.queue.add(MD + action.deployment)
+            self._memo = (gen, built, plans)
+            return built, plans, owned
+
+    # -- one pass ----------------------------------------------------------------------------------------
+    def reconcile(self, key: str) -> float | None:
+        """Returns a delay after which to look again, or None."""
+        if key.startswith(POOL):
+            self.reconcile_pool(key[len(POOL):])
+            return None
+        return self.reconcile_deployment(key[len(MD):])
+
+    def reconcile_pool(self, name: str) -> None:
+        obj = self.informers["AcceleratorPool"].get(name)
+        if obj is None:
+            return
+        pool = api.AcceleratorPool.model_validate(obj)
+        nodes = [n for n in self.informers["Node"].items()
+                 if convert.selector_matches(pool.spec.node_selector, n["metadata"].get("labels") or {})]
+        names = {n["metadata"]["name"] for n in nodes}
+        allocated: dict[str, int] = {}
+        for pod in self.informers["Pod"].items():
+            node = str((pod.get("spec") or {}).get("nodeName"))
+            if node in names and (pod.get("status") or {}).get("phase") in ("Pending", "Running"):
+                for c in pod["spec"].get("containers") or []:
+                    gpus = int(((c.get("resources") or {}).get("limits") or {}).get(r.GPU_RESOURCE, 0) or 0)
+                    allocated[node] = allocated.get(node, 0) + gpus
+        new = wire(pool_status(pool, nodes, allocated))
+        old = wire(pool.status) if pool.status else {}
+        if new != old:
+            self.kube.patch("AcceleratorPool", name, {"status": new}, subresource="status")
+
+    def reconcile_deployment(self, key: str) -> float | None:
+        ns, name = key.split("/", 1)
+        obj = self.informers["ModelDeployment"].get(key)
+        if obj is None:
+            return None  # gone: owner references let the garbage collector finish
+        meta = obj["metadata"]
+        if meta.get("deletionTimestamp"):
+            self._finalize(ns, name, obj)
+            return None
+        if FINALIZER not in (meta.get("finalizers") or []):
+            self.kube.patch("ModelDeployment", name, {"metadata": {
+                "finalizers": [*(meta.get("finalizers") or []), FINALIZER],
+                "resourceVersion": meta["resourceVersion"]}}, ns)
+        built, plans, owned = self.fleet()
+        wall = time.time()
+        if key in built.invalid:
+            self._write_status_invalid(obj, built.invalid[key], wall)
+            return None
+        md = built.deployments.get(key)
+        if md is None:
+            return None
+        objects = owned.get(key, [])
+        placement = next(p for p in plans if p.policy is PolicyName.PLACEMENT)
+        fleet = self.fleet_policy()
+        budget = DisruptionBudget(fleet.spec.disruption.max_replica_removals_per_cycle)
+        dry = self.dry_run or fleet.spec.dry_run
+        observed = observe(objects)
+        current = {p: observed[r.short(p)].replicas if r.short(p) in observed else 0 for p in built.pools}
+        desired = current
+        for plan in plans:
+            desired = desired_from_plan(plan, key, desired)
+        result = self.executor.apply_plan(plans, md, key, built.pools, objects, budget, dry_run=dry)
+        for change in result.changes:
+            self.metrics.writes.labels(change.op, change.kind).inc()
+        problem = self._problem(md, key, built, placement)
+        mine = [a for a in placement.actions if isinstance(a, SetReplicas) and a.deployment == key]
+        decision = None
+        if mine:
+            what = ", ".join(f"{a.pool} {a.previous}->{a.replicas}" for a in mine)
+            e = placement.explanation
+            decision = api.Decision(plan_id=placement.id, policy=placement.policy.value, reason=e.reason.value,
+                                    summary=f"{what}: {e.summary}"[:1000], objective=e.objective,
+                                    solver_status=e.solver_status.value, solve_ms=e.solve_ms, fallback=e.fallback,
+                                    time=iso_now(wall))
+        for pool, n in desired.items():
+            self.metrics.replicas.labels(ns, name, pool).set(n)
+        status = deployment_status(md, {p: n for p, n in desired.items() if n}, observed, built.pools, problem,
+                                   decision, iso_now(wall))
+        self._write_status(obj, md, status, problem, decision, dry)
+        if result.limited:
+            return 2.0
+        return None
+
+    def _problem(self, md: api.ModelDeployment, key: str, built: Built, placement: Plan) -> Problem | None:
+        ns = md.metadata["namespace"]
+        if md.spec.fallback is not None:
+            fb = convert.deployment_key(ns, md.spec.fallback.deployment)
+            if fb not in built.deployments:
+                return Problem("UnknownFallback", f"fallback ModelDeployment {fb} does not exist")
+        allowed = md.spec.allowed_pools
+        if not built.pools or (allowed and not set(allowed) & set(built.pools)):
+            wanted = ", ".join(allowed) if allowed else "any"
+            return Problem("NoAllowedPool", f"no AcceleratorPool matches the allowed pools ({wanted})")
+        short = unplaced(placement, key)
+        if short:
+            devices = md.spec.parallelism.tp * md.spec.parallelism.pp
+            return Problem("InsufficientCapacity",
+                           f"{short} of {md.spec.min_replicas} minimum replicas ({devices} GPUs each) do not fit "
+                           f"in any allowed pool")
+        return None
+
+    def _write_status(self, obj: dict[str, Any], md: api.ModelDeployment, status: api.ModelDeploymentStatus,
+                      problem: Problem | None, decision: api.Decision | None, dry: bool) -> None:
+        meta = obj["metadata"]
+        new = wire(status)
+        old = wire(api.ModelDeploymentStatus.model_validate(obj["status"])) if obj.get("status") else {}
+        if new == old:
+            return
+        self.kube.patch("ModelDeployment", meta["name"], {"status": new}, meta["namespace"], subresource="status")
+        prev_problem = next((c for c in (md.status.conditions if md.status else [])
+                             if c.type == api.ConditionType.DEGRADED and c.status == "True"), None)
+        if problem is not None and (prev_problem is None or prev_problem.reason != problem.reason):
+            self.event(obj, "Warning", problem.reason, problem.message)
+        if decision is not None:
+            self.event(obj, "Normal", "DryRun" if dry else "Scaled", decision.summary)
+
+    def _write_status_invalid(self, obj: dict[str, Any], why: str, wall: float) -> None:
+        meta = obj["metadata"]
+        prev = [c for c in (obj.get("status") or {}).get("conditions") or []
+                if c.get("type") == "Degraded" and c.get("status") == "True" and c.get("reason") == "BadInput"]
+        if prev and prev[0].get("message") == why:
+            return
+        cond = {"type": "Degraded", "status": "True", "reason": "BadInput", "message": why[:1000],
+                "lastTransitionTime": iso_now(wall)}
+        self.kube.patch("ModelDeployment", meta["name"], {"status": {"conditions": [cond]}}, meta["namespace"],
+                        subresource="status")
+        self.event(obj, "Warning", "BadInput", why)
+
+    def _finalize(self, ns: str, name: str, obj: dict[str, Any]) -> None:
+        """Delete what we created for it, then let it go."""
+        finalizers = obj["metadata"].get("finalizers") or []
+        if FINALIZER not in finalizers:
+            return
+        self.executor.cluster.delete_all(ns, f"{MANAGED_SELECTOR},{r.L_DEPLOYMENT}={r.short(name)}")
+        self.kube.patch("ModelDeployment", name, {"metadata": {
+            "finalizers": [f for f in finalizers if f != FINALIZER],
+            "resourceVersion": obj["metadata"]["resourceVersion"]}}, ns)
+        self._bump()
+
+    def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        meta = obj["metadata"]
+        now = iso_now(time.time())
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": api.API_VERSION, "kind": obj.get("kind", "ModelDeployment"),
+                               "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid"),
+                               "resourceVersion": meta.get("resourceVersion")},
+            "reason": reason, "message": message[:1024], "type": type_,
+            "source": {"component": "wattplane-controller"},
+            "reportingComponent": "wattplane.io/controller", "reportingInstance": self.identity[:128],
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        }
+        try:
+            self.kube.create("Event", body, meta["namespace"])
+        except KubeError as exc:
+            log.warning("event %s for %s/%s not recorded: %s", reason, meta["namespace"], meta["name"], exc)

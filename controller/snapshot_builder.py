@@ -1,0 +1,132 @@
+"""API objects (+ telemetry when available) -> Snapshot, the pure picture every policy reads.
+
+The builder never fails on one bad object: an object that does not parse is reported in
+``Built.invalid`` (so the reconciler can mark it Degraded with the reason) and left out, and the
+rest of the fleet is still planned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from controller.api import convert
+from controller.api import models as api
+from controller.executor import render as r
+from controller.executor.executor import observe
+from policies import snapshot as dom
+
+
+@dataclass
+class Built:
+    snapshot: dom.Snapshot
+    pools: dict[str, api.AcceleratorPool] = field(default_factory=dict)
+    deployments: dict[str, api.ModelDeployment] = field(default_factory=dict)  # key "ns/name"
+    invalid: dict[str, str] = field(default_factory=dict)  # key -> why it was left out
+
+
+def _err(exc: ValidationError) -> str:
+    return dom.format_validation_error(exc)
+
+
+def build_snapshot(
+    *,
+    pools: Iterable[Mapping[str, Any]],
+    power_domains: Iterable[Mapping[str, Any]] = (),
+    deployments: Iterable[Mapping[str, Any]],
+    nodes: Iterable[Mapping[str, Any]],
+    owned: Mapping[str, Sequence[Mapping[str, Any]]],
+    now: float = 0.0,
+    gpu_telemetry: Sequence[dom.GPUTelemetry] = (),
+    serving: Sequence[dom.ServingTelemetry] = (),
+) -> Built:
+    """``owned`` maps a deployment key ``ns/name`` to the Deployments/Pods it owns."""
+    invalid: dict[str, str] = {}
+    parsed_pools: dict[str, api.AcceleratorPool] = {}
+    for obj in pools:
+        try:
+            parsed_pools[obj["metadata"]["name"]] = api.AcceleratorPool.model_validate(obj)
+        except ValidationError as exc:
+            invalid[f"AcceleratorPool/{obj['metadata']['name']}"] = _err(exc)
+    parsed_pds: list[api.PowerDomain] = []
+    for obj in power_domains:
+        try:
+            parsed_pds.append(api.PowerDomain.model_validate(obj))
+        except ValidationError as exc:
+            invalid[f"PowerDomain/{obj['metadata']['name']}"] = _err(exc)
+
+    node_list = sorted(nodes, key=lambda n: n["metadata"]["name"])
+    pool_of: dict[str, str] = {}
+    for node in node_list:
+        labels = node["metadata"].get("labels") or {}
+        for name in sorted(parsed_pools):
+            if convert.selector_matches(parsed_pools[name].spec.node_selector, labels):
+                pool_of[node["metadata"]["name"]] = name
+                break
+    pd_nodes: dict[str, list[str]] = {}
+    pd_of: dict[str, str] = {}
+    for pd in parsed_pds:
+        members = [
+            n["metadata"]["name"]
+            for n in node_list
+            if convert.selector_matches(pd.spec.node_selector, n["metadata"].get("labels") or {})
+        ]
+        pd_nodes[pd.metadata["name"]] = members
+        for m in members:
+            pd_of.setdefault(m, pd.metadata["name"])
+    dom_nodes = [
+        convert.to_node(n, pool_of.get(n["metadata"]["name"]), pd_of.get(n["metadata"]["name"]))
+        for n in node_list
+        if n["metadata"]["name"] in pool_of
+    ]
+
+    parsed_mds: dict[str, api.ModelDeployment] = {}
+    dom_mds: list[dom.ModelDeployment] = []
+    for obj in sorted(deployments, key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"])):
+        key = convert.deployment_key(obj["metadata"].get("namespace", "default"), obj["metadata"]["name"])
+        try:
+            md = api.ModelDeployment.model_validate(obj)
+            dom_md = convert.to_deployment(md)
+        except (ValidationError, ValueError) as exc:
+            invalid[key] = _err(exc) if isinstance(exc, ValidationError) else str(exc)
+            continue
+        if obj["metadata"].get("deletionTimestamp"):
+            continue  # being deleted: the finalizer path cleans up; plan nothing for it
+        parsed_mds[key] = md
+        dom_mds.append(dom_md)
+
+    replicas: list[dom.ReplicaSet] = []
+    pods: list[dom.Pod] = []
+    label_to_pool = {r.short(name): name for name in parsed_pools}
+    for key in parsed_mds:
+        objs = owned.get(key, ())
+        for label, seen in sorted(observe(objs).items()):
+            pool = label_to_pool.get(label)
+            if pool is not None and seen.replicas:
+                replicas.append(dom.ReplicaSet(deployment=key, pool=pool, replicas=seen.replicas, ready=seen.ready))
+        for o in objs:
+            if o["kind"] != "Pod":
+                continue
+            meta, spec = o["metadata"], o.get("spec") or {}
+            gpus = sum(
+                int((c.get("resources") or {}).get("limits", {}).get(convert.GPU_RESOURCE, 0) or 0)
+                for c in spec.get("containers") or []
+            )
+            pods.append(dom.Pod(name=f"{meta['namespace']}/{meta['name']}", node=spec.get("nodeName"),
+                                num_gpu=gpus, gpu_milli=1000 if gpus else 0, deployment=key))
+
+    snap = dom.Snapshot(
+        now=now,
+        pools=tuple(convert.to_pool(p) for _, p in sorted(parsed_pools.items())),
+        nodes=tuple(dom_nodes),
+        power_domains=tuple(convert.to_power_domain(pd, tuple(pd_nodes[pd.metadata["name"]])) for pd in parsed_pds),
+        deployments=tuple(dom_mds),
+        replicas=tuple(replicas),
+        pods=tuple(pods),
+        gpu_telemetry=tuple(gpu_telemetry),
+        serving=tuple(serving),
+    )
+    return Built(snapshot=snap, pools=parsed_pools, deployments=parsed_mds, invalid=invalid)
