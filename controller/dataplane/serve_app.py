@@ -1,0 +1,276 @@
+"""The Ray Serve router: OpenAI-compatible endpoints that score each request and dispatch it.
+
+(No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` type
+through Ray Serve's ingress wrapper.)
+
+Routes (one FastAPI ingress):
+
+* ``POST /v1/chat/completions`` and ``POST /v1/completions`` — OpenAI request shapes; malformed
+  requests get OpenAI-style 400 errors (``{"error": {"message", "type", "param", "code"}}``). The
+  prompt (the last user message, or the completion prompt) is scored by the packaged difficulty
+  scorer; the routing table decides large or fallback. Response headers say who served and why:
+  ``x-wattplane-served-by``, ``x-wattplane-route-reason``, ``x-wattplane-difficulty``,
+  ``x-wattplane-table-version``.
+* ``PUT /v1/router/table`` / ``GET /v1/router/table`` — the controller's push (versioned; an older
+  version gets 409) and a read-back with staleness.
+* ``GET /v1/router/stats`` — cumulative offered load (requests, prompt and output tokens), from
+  which the controller derives demand; ``GET /metrics`` — Prometheus text for this replica:
+  requests and latency per route (served model) and reason, the table version, errors.
+
+Never drop a request: no or stale table -> large only; a failing model -> the other one. Each
+router replica holds its own table and counters (the controller pushes to every replica; with
+several replicas, scrape them all). Tests run one replica.
+"""
+
+
+import json
+import time
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from controller.dataplane.standin import LatencyModel, StandInEngine, count_tokens
+from controller.dataplane.table import RouteReason, RoutingTable, TableHolder
+from policies.difficulty import WEIGHTS_PACKAGE, WEIGHTS_RESOURCE, RouterWeights, score, weights_from_json
+
+app = FastAPI(title="wattplane router")
+
+ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
+DEFAULT_CHAT_MAX_TOKENS = 64
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_TOKENS_LIMIT = 32768
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def openai_error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"
+                 ) -> JSONResponse:
+    return JSONResponse(status_code=status,
+                        content={"error": {"message": message, "type": kind, "param": param, "code": None}})
+
+
+def load_packaged_weights() -> RouterWeights:
+    text = resources.files(WEIGHTS_PACKAGE).joinpath(WEIGHTS_RESOURCE).read_text()
+    return weights_from_json(text)
+
+
+def _max_tokens(body: dict[str, Any], default: int) -> int:
+    for key in ("max_completion_tokens", "max_tokens"):
+        if key in body and body[key] is not None:
+            v = body[key]
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_TOKENS_LIMIT:
+                raise BadRequest(f"'{key}' must be an integer in [1, {MAX_TOKENS_LIMIT}]", key)
+            return v
+    return default
+
+
+def _text_of(content: Any, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise BadRequest(f"{where}[{i}] must be an object with a 'type'", where)
+            if part["type"] == "text":
+                if not isinstance(part.get("text"), str):
+                    raise BadRequest(f"{where}[{i}].text must be a string", where)
+                parts.append(part["text"])
+        return "\n".join(parts)
+    raise BadRequest(f"{where} must be a string or an array of content parts", where)
+
+
+def _common(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise BadRequest("you must provide a model parameter", "model")
+    if body.get("stream"):
+        raise BadRequest("streaming is not supported by this router", "stream")
+    return body
+
+
+def parse_chat(body: Any) -> tuple[str, int, str | None]:
+    """(prompt text to score, max tokens, subject hint) of a chat completion request."""
+    body = _common(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty array", "messages")
+    texts = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise BadRequest(f"messages[{i}] must be an object", f"messages[{i}]")
+        if m.get("role") not in ROLES:
+            raise BadRequest(f"messages[{i}].role must be one of {sorted(ROLES)}", f"messages[{i}].role")
+        texts.append((m["role"], _text_of(m.get("content"), f"messages[{i}].content")))
+    users = [t for r, t in texts if r == "user"]
+    prompt = users[-1] if users else texts[-1][1]
+    return prompt, _max_tokens(body, DEFAULT_CHAT_MAX_TOKENS), _subject(body)
+
+
+def parse_completion(body: Any) -> tuple[str, int, str | None]:
+    body = _common(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise BadRequest("'prompt' must be a string (or an array of one string)", "prompt")
+    return prompt, _max_tokens(body, DEFAULT_COMPLETION_MAX_TOKENS), _subject(body)
+
+
+def _subject(body: dict[str, Any]) -> str | None:
+    meta = body.get("metadata")
+    if isinstance(meta, dict) and isinstance(meta.get("subject"), str):
+        return str(meta["subject"])
+    return None
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
+class StandInModel:
+    """A model server stand-in (see ``standin.py``); many ongoing requests, it queues internally."""
+
+    def __init__(self, model: LatencyModel) -> None:
+        self.engine = StandInEngine(model)
+
+    async def generate(self, prompt: str, max_tokens: int) -> dict[str, object]:
+        return await self.engine.generate(prompt, max_tokens)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
+@serve.ingress(app)
+class Router:
+    def __init__(
+        self, large: DeploymentHandle[Any], small: DeploymentHandle[Any], deployment: str, fallback: str,
+        weights_json: str | None = None,
+    ) -> None:
+        self.large = large
+        self.small = small
+        self.deployment = deployment
+        self.fallback = fallback
+        self.weights = weights_from_json(weights_json) if weights_json else load_packaged_weights()
+        self.tables = TableHolder()
+        self.registry = CollectorRegistry()
+        self.requests = Counter("wattplane_router_requests", "Requests served, by route (model) and reason",
+                                ["route", "reason"], registry=self.registry)
+        self.latency = Histogram("wattplane_router_request_seconds", "End-to-end latency by route", ["route"],
+                                 registry=self.registry,
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32))
+        self.errors = Counter("wattplane_router_errors", "Requests rejected or failed, by HTTP status",
+                              ["status"], registry=self.registry)
+        self.version = Gauge("wattplane_router_table_version", "Routing table version in force (-1: none)",
+                             registry=self.registry)
+        self.version.set(-1)
+        self.stats = {"requests": 0, "prompt_tokens": 0, "output_tokens": 0}
+
+    # -- OpenAI surface -----------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat(self, request: Request) -> Response:
+        return await self._serve(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, chat=False)
+
+    async def _serve(self, request: Request, chat: bool) -> Response:
+        start = time.monotonic()
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self.errors.labels("400").inc()
+            return openai_error(400, f"could not parse the JSON body: {exc}")
+        try:
+            prompt, max_tokens, subject = parse_chat(body) if chat else parse_completion(body)
+        except BadRequest as exc:
+            self.errors.labels("400").inc()
+            return openai_error(400, str(exc), exc.param)
+        self.stats["requests"] += 1
+        self.stats["prompt_tokens"] += count_tokens(prompt)
+        self.stats["output_tokens"] += max_tokens
+        difficulty = score(self.weights, prompt, subject)
+        use_small, reason = self.tables.decide(difficulty, time.monotonic())
+        first, second = (self.small, self.large) if use_small else (self.large, self.small)
+        try:
+            result = await first.generate.remote(prompt, max_tokens)
+        except Exception:  # never drop a request: the other model serves it
+            reason = RouteReason.FALLBACK_FAILED if use_small else RouteReason.LARGE_FAILED
+            try:
+                result = await second.generate.remote(prompt, max_tokens)
+            except Exception as exc:
+                self.errors.labels("503").inc()
+                return openai_error(503, f"no model could serve the request: {exc}", kind="server_error")
+        route = str(result["model"])
+        elapsed = time.monotonic() - start
+        self.requests.labels(route, reason.value).inc()
+        self.latency.labels(route).observe(elapsed)
+        table = self.tables.table
+        headers = {
+            "x-wattplane-served-by": route,
+            "x-wattplane-route-reason": reason.value,
+            "x-wattplane-difficulty": f"{difficulty:.5f}",
+            "x-wattplane-table-version": str(table.version if table else -1),
+        }
+        usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
+                 "total_tokens": int(str(result["prompt_tokens"])) + int(str(result["completion_tokens"]))}
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{self.stats['requests']:x}-{int(start * 1e6) & 0xFFFFFF:x}"
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "length", "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": result["text"]}
+        else:
+            choice["text"] = result["text"]
+        content = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                   "model": route, "choices": [choice], "usage": usage}
+        return JSONResponse(content=content, headers=headers)
+
+    # -- controller surface -------------------------------------------------------------
+    @app.put("/v1/router/table")
+    async def put_table(self, request: Request) -> Response:
+        try:
+            table = RoutingTable.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return openai_error(400, f"bad routing table: {exc.errors()[:3]}")
+        if table.deployment != self.deployment or table.fallback != self.fallback:
+            return openai_error(400, f"this router serves {self.deployment} -> {self.fallback}, "
+                                     f"not {table.deployment} -> {table.fallback}")
+        if not self.tables.offer(table, time.monotonic()):
+            have = self.tables.table.version if self.tables.table else -1
+            return openai_error(409, f"table version {table.version} is older than {have}", "version", kind="conflict")
+        self.version.set(table.version)
+        return JSONResponse(content={"accepted": table.version})
+
+    @app.get("/v1/router/table")
+    async def get_table(self) -> Response:
+        table = self.tables.table
+        now = time.monotonic()
+        return JSONResponse(content={
+            "table": table.model_dump() if table else None,
+            "age_s": now - self.tables.received_at if table else None,
+            "stale": self.tables.is_stale(now),
+        })
+
+    @app.get("/v1/router/stats")
+    async def get_stats(self) -> Response:
+        return JSONResponse(content=dict(self.stats))
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        return Response(content=generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def build_app(large: LatencyModel, small: LatencyModel, deployment: str, fallback: str,
+              weights_json: str | None = None) -> Any:
+    """The application graph: router -> (large, small) stand-ins."""
+    large_app = StandInModel.options(name=f"model-{deployment}").bind(large)  # type: ignore[attr-defined]
+    small_app = StandInModel.options(name=f"model-{fallback}").bind(small)  # type: ignore[attr-defined]
+    return Router.bind(large_app, small_app, deployment, fallback, weights_json)  # type: ignore[attr-defined]

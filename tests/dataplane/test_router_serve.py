@@ -1,0 +1,273 @@
+"""Ray Serve started for real on loopback: the router, HTTP and the routing loop are real; models are stand-ins.
+
+One module-scoped Ray (``num_cpus=2``) serves every test here; it is shut down in the finaliser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from controller.dataplane.client import HttpRouterPort  # noqa: E402
+from controller.dataplane.serve_app import build_app  # noqa: E402
+from controller.dataplane.standin import LatencyModel, count_tokens, latency_model  # noqa: E402
+from controller.dataplane.table import RoutingTable  # noqa: E402
+from policies.plan import SetRoutingShare  # noqa: E402
+from policies.profiles import REFERENCE_GPUS, default_table  # noqa: E402
+from policies.routing import RoutingState, plan_routing  # noqa: E402
+from policies.snapshot import (  # noqa: E402
+    Demand,
+    Fallback,
+    ModelDeployment,
+    ModelShape,
+    Node,
+    Parallelism,
+    Pool,
+    ReplicaSet,
+    Snapshot,
+)
+
+pytestmark = pytest.mark.ray
+
+H100 = REFERENCE_GPUS["h100"]
+LARGE = ModelDeployment(
+    name="big", model=ModelShape(name="llama-3.1-70b", params_b=70, active_params_b=70),
+    parallelism=Parallelism(tp=4), target_utilisation=0.8, fallback=Fallback(deployment="small", quality_floor=0.8),
+)
+SMALL = ModelDeployment(name="small", model=ModelShape(name="llama-3.1-8b", params_b=8, active_params_b=8))
+OUTPUT_TOKENS = 50
+PROMPT_WORDS = 100
+# Stand-in time runs 1/TIME_SCALE as fast as the profile's: a 100-word prompt with 50 output tokens
+# holds a large-model slot ~0.4 s, so one large replica serves ~10 requests/s.
+TIME_SCALE = 3.3
+LARGE_SLOTS = 4
+SMALL_SLOTS = 8
+SLO_P99_S = 1.5  # end-to-end p99 latency target of this test's service
+CONTROL_PERIOD_S = 0.5
+
+WORDS = (
+    "integral", "derivative", "theorem", "proof", "history", "treaty", "war", "king", "enzyme", "protein", "cell",
+    "law", "court", "contract", "market", "price", "inflation", "poem", "novel", "author", "molecule", "atom",
+    "charge", "velocity", "mass", "energy", "ethics", "duty", "virtue", "ocean", "climate", "river", "graph",
+    "vertex", "algorithm", "memory", "compiler", "probability", "variance", "estimator",
+)
+
+
+def prompt(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(PROMPT_WORDS - 1)) + " Answer:"
+
+
+def profiles() -> tuple[LatencyModel, LatencyModel]:
+    table = default_table()
+    large = table.for_deployment(LARGE, H100)
+    small = table.for_deployment(SMALL, H100)
+    assert large is not None and small is not None
+    return (latency_model("big", large, LARGE_SLOTS, TIME_SCALE),
+            latency_model("small", small, SMALL_SLOTS, TIME_SCALE))
+
+
+@dataclass
+class Served:
+    base_url: str
+    large: LatencyModel
+    small: LatencyModel
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="wattplane-test")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        large, small = profiles()
+        serve.run(build_app(large, small, "big", "small"), name="wattplane-router", route_prefix="/")
+        yield Served(f"http://127.0.0.1:{port}", large, small)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def chat(client: httpx.Client, text: str, max_tokens: int = OUTPUT_TOKENS) -> httpx.Response:
+    return client.post("/v1/chat/completions", json={
+        "model": "big", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+    })
+
+
+def push(served: Served, version: int, share: float, threshold: float, ttl: float = 60.0) -> None:
+    ok = HttpRouterPort(served.base_url, ttl_s=ttl).push(RoutingTable(
+        version=version, deployment="big", fallback="small", threshold=threshold, fallback_share=share, ttl_s=ttl))
+    assert ok
+
+
+_version = [100]
+
+
+def next_version() -> int:
+    _version[0] += 1
+    return _version[0]
+
+
+def test_malformed_requests_get_openai_400(served: Served) -> None:
+    with httpx.Client(base_url=served.base_url, timeout=30) as c:
+        bad = [
+            c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}),
+            c.post("/v1/chat/completions", json={"model": "big"}),
+            c.post("/v1/chat/completions", json={"model": "big", "messages": []}),
+            c.post("/v1/chat/completions", json={"model": "big", "messages": [{"role": "wizard", "content": "x"}]}),
+            c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}),
+            c.post("/v1/chat/completions", json={"model": "big", "messages": [{"role": "user", "content": "x"}],
+                                                 "max_tokens": -3}),
+            c.post("/v1/completions", json={"model": "big", "prompt": 42}),
+        ]
+        for r in bad:
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["type"] == "invalid_request_error" and err["message"]
+        assert bad[1].json()["error"]["param"] == "messages"
+        assert bad[4].json()["error"]["param"] == "model"
+        # a completion request in the right shape works
+        ok = c.post("/v1/completions", json={"model": "big", "prompt": "2+2=", "max_tokens": 4})
+        assert ok.status_code == 200 and ok.json()["object"] == "text_completion"
+
+
+def test_routing_follows_pushed_tables(served: Served) -> None:
+    rng = random.Random(1)
+    with httpx.Client(base_url=served.base_url, timeout=30) as c:
+        push(served, next_version(), share=1.0, threshold=1e9)
+        r = chat(c, prompt(rng), max_tokens=5)
+        assert r.status_code == 200
+        assert r.headers["x-wattplane-served-by"] == "small"
+        assert r.headers["x-wattplane-route-reason"] == "below-threshold"
+        assert r.json()["model"] == "small" and r.json()["choices"][0]["message"]["role"] == "assistant"
+        v = next_version()
+        push(served, v, share=0.0, threshold=-1e9)
+        r = chat(c, prompt(rng), max_tokens=5)
+        assert r.headers["x-wattplane-served-by"] == "big"
+        assert r.headers["x-wattplane-route-reason"] == "above-threshold"
+        assert r.headers["x-wattplane-table-version"] == str(v)
+        # an older version is refused and the newer one stays in force
+        assert not HttpRouterPort(served.base_url).push(RoutingTable(
+            version=v - 1, deployment="big", fallback="small", threshold=1e9, fallback_share=1.0))
+        assert chat(c, prompt(rng), max_tokens=5).headers["x-wattplane-served-by"] == "big"
+        # prometheus metrics per route
+        text = c.get("/metrics").text
+        assert 'wattplane_router_requests_total{reason="below-threshold",route="small"}' in text
+        assert 'wattplane_router_requests_total{reason="above-threshold",route="big"}' in text
+        assert f"wattplane_router_table_version {float(v)}" in text
+
+
+def test_stale_table_falls_back_to_large_only(served: Served) -> None:
+    rng = random.Random(2)
+    with httpx.Client(base_url=served.base_url, timeout=30) as c:
+        push(served, next_version(), share=1.0, threshold=1e9, ttl=0.5)
+        assert chat(c, prompt(rng), max_tokens=5).headers["x-wattplane-served-by"] == "small"
+        time.sleep(0.8)
+        r = chat(c, prompt(rng), max_tokens=5)
+        assert r.status_code == 200
+        assert r.headers["x-wattplane-served-by"] == "big"
+        assert r.headers["x-wattplane-route-reason"] == "stale-table"
+
+
+def snapshot(now: float, out_tok_s: float, in_tok_s: float) -> Snapshot:
+    return Snapshot(
+        now=now,
+        pools=(Pool(name="h100", accelerator=H100, gpus_per_node=8, cost_per_device_hour=2.0),),
+        nodes=(Node(name="n0", pool="h100", gpus=8),),
+        deployments=(LARGE, SMALL),
+        replicas=(ReplicaSet(deployment="big", pool="h100", replicas=1),
+                  ReplicaSet(deployment="small", pool="h100", replicas=1)),
+        demand=(Demand(deployment="big", input_tokens_per_s=in_tok_s, output_tokens_per_s=out_tok_s),),
+    )
+
+
+async def burst(served: Served, rate: float, seconds: float, control: bool) -> tuple[list[float], list[str]]:
+    """Open-loop Poisson arrivals at ``rate``/s; with ``control``, a routing loop every CONTROL_PERIOD_S."""
+    rng = random.Random(7)
+    port = HttpRouterPort(served.base_url, ttl_s=30.0)
+    latencies: list[float] = []
+    routes: list[str] = []
+    stop = asyncio.Event()
+
+    async def controller() -> None:
+        state = RoutingState()
+        last = await asyncio.to_thread(port.stats)
+        t_last = time.monotonic()
+        while not stop.is_set():
+            await asyncio.sleep(CONTROL_PERIOD_S)
+            now_stats = await asyncio.to_thread(port.stats)
+            now = time.monotonic()
+            dt = now - t_last
+            # observed offered load, converted to profile time (the stand-ins run 1/TIME_SCALE as fast)
+            out_rate = (now_stats["output_tokens"] - last["output_tokens"]) / dt * TIME_SCALE
+            in_rate = (now_stats["prompt_tokens"] - last["prompt_tokens"]) / dt * TIME_SCALE
+            last, t_last = now_stats, now
+            plan = plan_routing(snapshot(now, out_rate, in_rate), state=state)
+            state = RoutingState.model_validate(plan.state)
+            for a in plan.actions:
+                if isinstance(a, SetRoutingShare):
+                    a = a.model_copy(update={"version": a.version + next_version()})
+                    await asyncio.to_thread(port.set_routing_share, a)
+
+    async with httpx.AsyncClient(base_url=served.base_url, timeout=60,
+                                 limits=httpx.Limits(max_connections=500)) as c:
+        async def one(text: str) -> None:
+            t0 = time.monotonic()
+            r = await c.post("/v1/chat/completions", json={
+                "model": "big", "messages": [{"role": "user", "content": text}], "max_tokens": OUTPUT_TOKENS})
+            assert r.status_code == 200, r.text
+            latencies.append(time.monotonic() - t0)
+            routes.append(r.headers["x-wattplane-served-by"])
+
+        ctl = asyncio.create_task(controller()) if control else None
+        tasks = []
+        t_end = time.monotonic() + seconds
+        while time.monotonic() < t_end:
+            tasks.append(asyncio.create_task(one(prompt(rng))))
+            await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.gather(*tasks)
+        stop.set()
+        if ctl is not None:
+            await ctl
+    return latencies, routes
+
+
+def p99(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, math.ceil(0.99 * len(s)) - 1)]
+
+
+def test_burst_shifts_to_fallback_and_keeps_p99_under_slo(served: Served) -> None:
+    assert count_tokens(prompt(random.Random(0))) == PROMPT_WORDS
+    capacity = served.large.requests_per_s(PROMPT_WORDS, OUTPUT_TOKENS)
+    assert 8.0 < capacity < 12.0
+    rate = 2.0 * capacity
+    # large only: a table that routes nothing
+    push(served, next_version(), share=0.0, threshold=-1e9)
+    lat_large, routes_large = asyncio.run(burst(served, rate, 4.0, control=False))
+    assert set(routes_large) == {"big"}
+    time.sleep(1.0)
+    # ours: the controller loop measures load each period and pushes the LP's table
+    lat_ours, routes_ours = asyncio.run(burst(served, rate, 4.0, control=True))
+    share = routes_ours.count("small") / len(routes_ours)
+    assert p99(lat_large) > SLO_P99_S, f"large only should violate the SLO: p99 {p99(lat_large):.2f}s"
+    assert p99(lat_ours) <= SLO_P99_S, f"p99 {p99(lat_ours):.2f}s with {share:.0%} on the fallback"
+    # the plan needs ~1 - 0.8 * capacity / rate = 60% on the fallback once it reacts
+    assert 0.35 < share < 0.85
