@@ -121,6 +121,7 @@ class SetExpertPlacement(Frozen):
     steps: tuple[ExpertMigrationStep, ...] = ()
     copies: NonNegInt = 0
     bytes_moved: NonNegInt = 0
+    device_origin: tuple[int, ...] = ()  # old device index of each new device (-1 = fresh); () = same devices
 
 
 class SetPowerCap(Frozen):

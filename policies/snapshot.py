@@ -293,6 +293,7 @@ class ExpertPlacement(Frozen):
     devices: PosInt
     slots_per_device: PosInt
     phy2log: tuple[tuple[int, ...], ...]
+    failed_devices: tuple[NonNegInt, ...] = ()  # devices reported dead; their experts must be restored
 
 
 class Demand(Frozen):
