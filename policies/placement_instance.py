@@ -1,0 +1,343 @@
+"""The placement problem in numbers: one row per allowed (deployment, pool) pair, as numpy arrays.
+
+Our solver, the greedy and homogeneous baselines and the benchmark all read the same
+:class:`Instance`, so they optimise and are scored against exactly the same costs, capacities
+and budgets. Building it is vectorised per pool where it matters (10,000-GPU fleets).
+
+Modelling choices (kept simple, and written down):
+
+* **Capacity per replica** ``cap`` (output tokens/s at SLO) comes from the profile, mixing prefill
+  and decode by the deployment's forecast input/output ratio (:meth:`Profile.tokens_per_s_capacity`).
+  A pool whose GPUs are power-capped (``GPUTelemetry.power_limit_w`` below TDP) loses capacity by
+  :func:`policies.profiles.cap_throughput_factor` at the pool's mean cap fraction (decode and
+  prefill separately).
+* **Need** of a deployment = forecast output tokens/s / ``target_utilisation`` (the headroom).
+* **Devices per replica** on a pool = TP x PP rounded up to a divisor of ``gpus_per_node``
+  (3 -> 4 on 8-GPU nodes), or to whole nodes when wider than a node. Sizes that divide the
+  node size always pack into whole nodes when their sum fits, so pool capacity is one
+  linear constraint: ``sum(devices * replicas) <= devices available``.
+* **Devices available** = ``max_nodes * gpus_per_node`` when the pool autoscales (``max_nodes``
+  set), else the GPUs of its ready, schedulable nodes in the snapshot.
+* **Cost per replica-hour** = devices x ``cost_per_device_hour`` + devices x power at load (kW)
+  x ``power_price_per_kwh``. Preferred pools get a small objective discount (not in reported cost).
+* **Power per replica** (W) = devices x profile power at load (capped at the pool's cap), summed
+  per power domain against ``budget_w * (1 - safety_margin)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from policies.plan import SetReplicas
+from policies.profiles import Profile, ProfileTable, cap_throughput_factor
+from policies.snapshot import Pool, Snapshot
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class InstanceParams:
+    """The knobs of the objective (copied from the placement config so baselines share them)."""
+
+    power_price_per_kwh: float = 0.10
+    disruption_weight: float = 0.25  # a replica change costs this many hours of that replica's cost
+    preferred_discount: float = 0.05
+    shortfall_factor: float = 10.0  # unmet demand costs this many times the dearest capacity
+    unlimited_capacity: bool = False  # ignore pool sizes and power budgets (a fleet bought to fit)
+
+
+@dataclass(frozen=True)
+class Instance:
+    """Arrays over pairs k = (deployment m, pool p); all money in $/hour."""
+
+    deployments: tuple[str, ...]
+    pools: tuple[str, ...]
+    domains: tuple[str, ...]
+    pair_m: IntArray
+    pair_p: IntArray
+    cap: FloatArray  # output tokens/s of one replica at SLO (0 for pairs that must drain)
+    cost: FloatArray  # $/h of one replica (devices + power)
+    obj_cost: FloatArray  # cost minus the preferred-pool discount: what the solver minimises
+    dis: FloatArray  # $ penalty per replica added or removed
+    dev: IntArray  # devices one replica occupies
+    power: FloatArray  # W one replica draws at load
+    r0: IntArray  # current replicas
+    ub: IntArray  # most replicas this pool can take of this deployment
+    need: FloatArray  # per deployment: output tokens/s of capacity required
+    demand_out: FloatArray  # per deployment: forecast output tokens/s (before headroom)
+    min_r: IntArray
+    max_r: IntArray
+    short_price: FloatArray  # per deployment: $/h per token/s of unmet need
+    pool_devices: FloatArray  # per pool: devices available (inf when unlimited)
+    pool_domain: IntArray  # per pool: index into domains, -1 when none
+    domain_budget: FloatArray  # per domain: W available to replicas (inf when unlimited)
+    pool_accelerator: tuple[str, ...]
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.pair_m.shape[0])
+
+    def pairs_of(self, m: int) -> IntArray:
+        return np.flatnonzero(self.pair_m == m)
+
+    def restrict_pools(self, keep: Sequence[int]) -> Instance:
+        """The same instance with only pairs in pools ``keep`` (others must drain to zero)."""
+        mask = np.isin(self.pair_p, np.asarray(keep, dtype=np.int64))
+        return _replace(self, ub=np.where(mask, self.ub, 0), cap=np.where(mask, self.cap, 0.0))
+
+
+def _replace(inst: Instance, **changes: object) -> Instance:
+    fields = {k: getattr(inst, k) for k in inst.__dataclass_fields__}
+    fields.update(changes)
+    return Instance(**fields)
+
+
+def replica_devices(devices: int, gpus_per_node: int) -> int:
+    """Devices a replica occupies: TP x PP rounded to a divisor of the node size, or to whole nodes."""
+    if devices >= gpus_per_node:
+        return math.ceil(devices / gpus_per_node) * gpus_per_node
+    d = devices
+    while gpus_per_node % d:
+        d += 1
+    return d
+
+
+def pool_devices(snapshot: Snapshot, pool: Pool) -> float:
+    if pool.max_nodes is not None:
+        return float(pool.max_nodes * pool.gpus_per_node)
+    nodes = [n for n in snapshot.nodes_in_pool(pool.name) if n.ready and n.schedulable]
+    return float(sum(n.gpus if n.gpus else pool.gpus_per_node for n in nodes))
+
+
+def pool_cap_fractions(snapshot: Snapshot) -> list[float]:
+    """Per pool: mean power limit / TDP over its reporting GPUs (1.0 when uncapped or unknown)."""
+    pool_of = {n.name: n.pool for n in snapshot.nodes if n.pool is not None}
+    tdp = {p.name: p.accelerator.tdp_w for p in snapshot.pools}
+    sums: dict[str, list[float]] = {}
+    for t in snapshot.gpu_telemetry:
+        pool = pool_of.get(t.node)
+        if pool is not None and t.power_limit_w is not None:
+            sums.setdefault(pool, []).append(min(1.0, t.power_limit_w / tdp[pool]))
+    return [float(np.mean(sums[p.name])) if p.name in sums else 1.0 for p in snapshot.pools]
+
+
+def build_instance(snapshot: Snapshot, profiles: ProfileTable, params: InstanceParams | None = None) -> Instance:
+    """Turn a snapshot (with forecast ``demand``) into the numeric placement problem."""
+    params = params or InstanceParams()
+    deps = snapshot.deployments
+    pools = snapshot.pools
+    domains = tuple(sorted({p.power_domain for p in pools if p.power_domain is not None}))
+    domain_index = {d: i for i, d in enumerate(domains)}
+    budgets = {d.name: d.budget_w * (1 - d.safety_margin) for d in snapshot.power_domains}
+    demand = {d.deployment: d for d in snapshot.demand}
+    current: dict[tuple[str, str], int] = {}
+    for rs in snapshot.replicas:
+        current[(rs.deployment, rs.pool)] = current.get((rs.deployment, rs.pool), 0) + rs.replicas
+
+    devcap = np.array([math.inf if params.unlimited_capacity else pool_devices(snapshot, p) for p in pools])
+    caps = pool_cap_fractions(snapshot)
+    factors = [cap_throughput_factor(c) for c in caps]
+    cache: dict[tuple[object, ...], Profile | None] = {}
+
+    rows: list[tuple[int, int, float, float, float, int, float, int, int]] = []
+    need = np.zeros(len(deps))
+    demand_out = np.zeros(len(deps))
+    short_price = np.zeros(len(deps))
+    for m, d in enumerate(deps):
+        dm = demand.get(d.name)
+        out = dm.output_tokens_per_s if dm else 0.0
+        share = (dm.input_tokens_per_s / out) if dm and out > 0 else 0.0
+        demand_out[m] = out
+        need[m] = out / max(d.target_utilisation, 1e-6)
+        allowed = set(d.allowed_pools) if d.allowed_pools else None
+        preferred = set(d.preferred_pools)
+        dearest = 0.0
+        for p, pool in enumerate(pools):
+            r0 = current.get((d.name, pool.name), 0)
+            prof = None
+            if allowed is None or pool.name in allowed:
+                key = (d.model, d.parallelism, pool.accelerator)
+                if key not in cache:
+                    cache[key] = profiles.for_deployment(d, pool.accelerator)
+                prof = cache[key]
+            if prof is None:
+                if r0 > 0:  # must drain: keep the pair so the change is planned and counted
+                    dv = replica_devices(d.parallelism.devices, pool.gpus_per_node)
+                    rows.append((m, p, 0.0, 0.0, 0.0, dv, 0.0, r0, 0))
+                continue
+            dec, pre = factors[p]
+            a = 1.0 / (1.0 / (prof.output_tokens_per_s * dec) + share / (prof.input_tokens_per_s * pre))
+            dv = replica_devices(d.parallelism.devices, pool.gpus_per_node)
+            watts_dev = min(prof.power_w, caps[p] * pool.accelerator.tdp_w)
+            w = dv * watts_dev
+            c = dv * pool.cost_per_device_hour + w / 1000.0 * params.power_price_per_kwh
+            oc = c * (1 - params.preferred_discount) if pool.name in preferred else c
+            ub = d.max_replicas if math.isinf(devcap[p]) else min(d.max_replicas, int(devcap[p] // dv))
+            rows.append((m, p, a, c, oc, dv, w, r0, ub))
+            dearest = max(dearest, c / a)
+        short_price[m] = params.shortfall_factor * (dearest if dearest > 0 else 1.0)
+
+    arr = np.array(rows, dtype=np.float64).reshape(-1, 9)
+    cost = arr[:, 3]
+    return Instance(
+        deployments=tuple(d.name for d in deps),
+        pools=tuple(p.name for p in pools),
+        domains=domains,
+        pair_m=arr[:, 0].astype(np.int64),
+        pair_p=arr[:, 1].astype(np.int64),
+        cap=arr[:, 2],
+        cost=cost,
+        obj_cost=arr[:, 4],
+        dis=params.disruption_weight * np.maximum(cost, 1e-3),
+        dev=arr[:, 5].astype(np.int64),
+        power=arr[:, 6],
+        r0=arr[:, 7].astype(np.int64),
+        ub=arr[:, 8].astype(np.int64),
+        need=need,
+        demand_out=demand_out,
+        min_r=np.array([d.min_replicas for d in deps], dtype=np.int64),
+        max_r=np.array([d.max_replicas for d in deps], dtype=np.int64),
+        short_price=short_price,
+        pool_devices=devcap,
+        pool_domain=np.array([domain_index.get(p.power_domain or "", -1) for p in pools], dtype=np.int64),
+        domain_budget=np.array([math.inf if params.unlimited_capacity else budgets.get(d, math.inf) for d in domains]),
+        pool_accelerator=tuple(p.accelerator.model for p in pools),
+    )
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How good an integer replica vector is, term by term ($/h), and whether it is within limits."""
+
+    objective: float
+    cost_per_hour: float
+    disruption: float
+    shortfall: FloatArray  # per deployment: unmet need, tokens/s
+    missing_min: IntArray  # per deployment: replicas below min_replicas
+    changes: int
+    feasible: bool  # capacity, power budgets, per-pair and per-deployment maxima hold
+
+
+def evaluate(inst: Instance, r: IntArray) -> Evaluation:
+    """Score ``r`` (replicas per pair) with the objective every method is compared on."""
+    m_count = len(inst.deployments)
+    cover = np.bincount(inst.pair_m, weights=inst.cap * r, minlength=m_count)
+    total = np.bincount(inst.pair_m, weights=r.astype(np.float64), minlength=m_count)
+    shortfall = np.maximum(inst.need - cover, 0.0)
+    missing = np.maximum(inst.min_r - total, 0).astype(np.int64)
+    delta = np.abs(r - inst.r0)
+    obj = (
+        float(inst.obj_cost @ r) + float(inst.dis @ delta) + float(inst.short_price @ shortfall)
+        + float(missing_min_penalty(inst) @ missing)
+    )
+    return Evaluation(
+        objective=obj,
+        cost_per_hour=float(inst.cost @ r),
+        disruption=float(inst.dis @ delta),
+        shortfall=shortfall,
+        missing_min=missing,
+        changes=int(delta.sum()),
+        feasible=violations(inst, r) == [],
+    )
+
+
+def missing_min_penalty(inst: Instance) -> FloatArray:
+    """$/h per replica below ``min_replicas``: ten times the dearest replica of that deployment."""
+    dearest = np.zeros(len(inst.deployments))
+    np.maximum.at(dearest, inst.pair_m, inst.cost)
+    return 10.0 * np.maximum(dearest, 1.0)
+
+
+def violations(inst: Instance, r: IntArray) -> list[str]:
+    """Hard limits ``r`` breaks (empty when it is a valid plan)."""
+    out: list[str] = []
+    if (r < 0).any():
+        out.append("negative replicas")
+    if (r > inst.ub).any():
+        out.append("replicas above a pool's per-deployment bound")
+    used = np.bincount(inst.pair_p, weights=inst.dev * r, minlength=len(inst.pools))
+    for p in np.flatnonzero(used > inst.pool_devices + 1e-9):
+        out.append(f"pool {inst.pools[p]}: {used[p]:g} devices > {inst.pool_devices[p]:g}")
+    total = np.bincount(inst.pair_m, weights=r.astype(np.float64), minlength=len(inst.deployments))
+    for m in np.flatnonzero(total > inst.max_r):
+        out.append(f"deployment {inst.deployments[m]}: {total[m]:g} replicas > max {inst.max_r[m]}")
+    if len(inst.domains):
+        draw = domain_draw(inst, r)
+        for k in np.flatnonzero(draw > inst.domain_budget + 1e-6):
+            out.append(f"power domain {inst.domains[k]}: {draw[k]:.0f} W > {inst.domain_budget[k]:.0f} W")
+    return out
+
+
+def domain_draw(inst: Instance, r: IntArray) -> FloatArray:
+    """Predicted W per power domain of the replicas ``r``."""
+    dom = inst.pool_domain[inst.pair_p]
+    mask = dom >= 0
+    draw: FloatArray = np.bincount(dom[mask], weights=(inst.power * r)[mask], minlength=len(inst.domains)).astype(
+        np.float64
+    )
+    return draw
+
+
+def components(inst: Instance) -> list[tuple[IntArray, IntArray]]:
+    """Independent sub-problems: (deployments, pools) linked by allowed pairs and shared power domains."""
+    n_m, n_p = len(inst.deployments), len(inst.pools)
+    parent = list(range(n_m + n_p))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(a: int, b: int) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+
+    for m, p in zip(inst.pair_m.tolist(), inst.pair_p.tolist(), strict=True):
+        union(m, n_m + p)
+    first_in_domain: dict[int, int] = {}
+    for p, k in enumerate(inst.pool_domain.tolist()):
+        if k >= 0:
+            if k in first_in_domain:
+                union(n_m + p, n_m + first_in_domain[k])
+            else:
+                first_in_domain[k] = p
+    groups: dict[int, tuple[list[int], list[int]]] = {}
+    for x in range(n_m + n_p):
+        g = groups.setdefault(find(x), ([], []))
+        (g[0] if x < n_m else g[1]).append(x if x < n_m else x - n_m)
+    return [(np.array(ms, dtype=np.int64), np.array(ps, dtype=np.int64)) for ms, ps in groups.values() if ms]
+
+
+def replica_actions(inst: Instance, r: IntArray) -> tuple[SetReplicas, ...]:
+    """One ``SetReplicas`` per pair whose count changes, in (deployment, pool) order."""
+    out = []
+    for k in np.flatnonzero(r != inst.r0):
+        out.append(SetReplicas(
+            deployment=inst.deployments[int(inst.pair_m[k])], pool=inst.pools[int(inst.pair_p[k])],
+            replicas=int(r[k]), previous=int(inst.r0[k]),
+        ))
+    return tuple(sorted(out, key=lambda a: (a.deployment, a.pool)))
+
+
+def plan_metrics(inst: Instance, r: IntArray) -> dict[str, float]:
+    """Figures every placement plan reports, whoever made it."""
+    ev = evaluate(inst, r)
+    need = float(inst.need.sum())
+    return {
+        "cost_per_hour": round(ev.cost_per_hour, 6),
+        "objective": round(ev.objective, 6),
+        "replica_changes": float(ev.changes),
+        "shortfall_tokens_per_s": round(float(ev.shortfall.sum()), 3),
+        "need_covered": round(1.0 - float(ev.shortfall.sum()) / need, 6) if need > 0 else 1.0,
+        "replicas": float(r.sum()),
+        "devices": float((inst.dev * r).sum()),
+        "power_w": round(float((inst.power * r).sum()), 1),
+    }
