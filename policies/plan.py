@@ -143,6 +143,7 @@ class MigratePod(Frozen):
     from_node: str
     to_node: str
     deployment: str | None = None  # drained through the router first when set
+    to_numa: NonNegInt | None = None  # target NUMA node (VM rescheduling); None: the node decides
 
 
 class SetRoutingShare(Frozen):
