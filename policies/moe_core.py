@@ -211,7 +211,7 @@ def _repair_layer(
             ok = ~m[g]
         if not ok.any():
             raise ValueError(f"device {g} already holds every expert; too many slots for {experts} experts")
-        score = np.where(ok, _score(newd), np.inf)
+        score = np.where(ok, (newd * newd).sum(-1), np.inf)
         slots[g, int(np.flatnonzero(slots[g] < 0)[0])] = int(np.argmin(score))
 
 
@@ -265,7 +265,13 @@ def _improve_step(
     score_r = np.where(ok_r, _score(newd), np.inf).reshape(num_layers, -1)
     best_r = np.argmin(score_r, -1)
     gain_r = s0 - score_r[li, best_r]
-    # swap: a (on g*) and b (on h) trade places; two copies
+    h_r = h
+    # swap: a (on g*) and b (on h, one of the lightest devices overall) trade places; two copies
+    light_all = np.argsort(np.where(np.arange(devices)[None, :] == gstar[:, None], np.inf, d), -1, kind="stable")
+    h = light_all[:, :k_light]
+    v = sl[li[:, None], h]
+    pv = p[li[:, None, None], v]
+    a_on_h = m[li[:, None, None], h[:, None, :], a[:, :, None]]
     top3 = np.argsort(-d, -1, kind="stable")[:, :3]
     other = np.full((num_layers, k_light), -np.inf)
     for j in range(min(3, devices)):
@@ -297,7 +303,7 @@ def _improve_step(
     spent = np.zeros(num_layers, dtype=np.int64)
     for i in np.flatnonzero(use_r):
         sa, k, sv = np.unravel_index(int(best_r[i]), (per, k_light, per))
-        slots[layers[i], h[i, k], sv] = a[i, sa]
+        slots[layers[i], h_r[i, k], sv] = a[i, sa]
         spent[i] = 1
     for i in np.flatnonzero(use_x):
         sa, k, sb = np.unravel_index(int(best_x[i]), (per, k_light, per))
