@@ -1,0 +1,1 @@
+"""The node agent: reads devices and engines, streams reports, applies caps, fails safe."""

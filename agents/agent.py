@@ -1,0 +1,296 @@
+"""The agent runtime: sample, report, obey, protect — with or without a controller.
+
+Three independent loops share one event loop:
+- sampling reads the source (and engine metrics) every report interval and queues a report;
+- the guard reads device power every ``guard.period_s`` and caps the node locally when needed;
+- the connection keeps one stream to the hub, reconnecting with jittered exponential backoff.
+Reports queue in a bounded buffer while disconnected (the oldest are dropped first and counted)
+and are sent in order after the next hello; command results go ahead of reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from agents.guard import GuardConfig, PowerGuard
+from agents.limits import CommandApplier, Limits
+from agents.scraper import EngineScraper
+from agents.sources import DeviceSample, GPUSource, SourceError
+from protos.wattplane.v1 import agent_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+AGENT_VERSION = "0.1.0"
+CONNECT_METHOD = "/wattplane.v1.AgentService/Connect"
+
+
+@dataclass
+class AgentConfig:
+    node_name: str
+    target: str  # host:port of the telemetry hub
+    token: str = ""  # bearer token; token_file wins when set (projected tokens rotate)
+    token_file: Path | None = None
+    tls_ca: Path | None = None  # verify the hub with this CA; None: plaintext (simulation only)
+    report_interval_s: float = 1.0
+    buffer_reports: int = 300  # reports kept while disconnected
+    backoff_base_s: float = 0.2
+    backoff_max_s: float = 15.0
+    welcome_timeout_s: float = 5.0
+    power_domain: str = ""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+
+
+def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
+    """Exponential backoff with "equal jitter": half fixed, half random, so a fleet that lost its
+    controller at the same instant does not reconnect in lock step."""
+    ceiling = min(max_s, base_s * (2 ** min(attempt, 30)))
+    return float(ceiling / 2 + rng.uniform(0, ceiling / 2))
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        source: GPUSource,
+        *,
+        scraper: EngineScraper | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.source = source
+        self.scraper = scraper
+        self.limits = Limits(source)
+        self.applier = CommandApplier(self.limits)
+        self.guard = PowerGuard(config.guard, self.limits)
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self.report_interval_s = config.report_interval_s
+        self.outbox: deque[pb.AgentMessage] = deque(maxlen=config.buffer_reports)
+        self.results: deque[pb.AgentMessage] = deque()
+        self.dropped_reports = 0
+        self.connected = False
+        self.connections = 0
+        self.last_error: str | None = None
+        self._lost_since: float | None = clock()  # not yet connected counts as lost
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._seq = 0
+        self._last_samples: list[DeviceSample] = []
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Run until :meth:`stop`; never raises for controller or engine trouble."""
+        self.limits.sync()
+        tasks = [
+            asyncio.create_task(self._sample_loop(), name="sample"),
+            asyncio.create_task(self._guard_loop(), name="guard"),
+            asyncio.create_task(self._connection_loop(), name="connection"),
+        ]
+        try:
+            await self._stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def controller_lost_for(self) -> float | None:
+        return None if self._lost_since is None else self._clock() - self._lost_since
+
+    # -- sampling and reports -------------------------------------------------------------------
+    async def _sample_loop(self) -> None:
+        while True:
+            try:
+                await self._report_once()
+            except SourceError as exc:
+                log.warning("reading devices failed: %s", exc)
+            await asyncio.sleep(self.applier.report_interval_s or self.report_interval_s)
+
+    async def _report_once(self) -> None:
+        samples = self.source.sample()
+        replicas = await self.scraper.scrape() if self.scraper else []
+        self._seq += 1
+        now_ns = time.time_ns()
+        report = pb.NodeReport(
+            sent_unix_ns=now_ns,
+            sampled_unix_ns=now_ns,
+            seq=self._seq,
+            gpus=[_gpu_sample(s) for s in samples],
+            replicas=replicas,
+            node_power_w=sum(s.power_w for s in samples),
+            guard_active=self.guard.active,
+            failsafe_active=any(c is not None for c in self.limits.failsafe_w),
+        )
+        if len(self.outbox) == self.outbox.maxlen:
+            self.dropped_reports += 1
+        self.outbox.append(pb.AgentMessage(report=report))
+        self._wake.set()
+
+    # -- local protection ---------------------------------------------------------------------
+    async def _guard_loop(self) -> None:
+        while True:
+            try:
+                self.guard_step()
+            except SourceError as exc:
+                log.warning("guard step failed: %s", exc)
+            await asyncio.sleep(self.config.guard.period_s)
+
+    def guard_step(self) -> None:
+        samples = self.source.sample()
+        self._last_samples = samples
+        changed = self.guard.failsafe(None if self.connected else self.controller_lost_for())
+        changed = self.guard.step(self._clock(), samples) or changed
+        if changed:
+            self.limits.sync()
+            log.info(
+                "limits now %s W (guard %s, fail-safe %s)",
+                [round(self.limits.effective_w(d.index)) for d in self.limits.devices],
+                self.guard.active,
+                any(c is not None for c in self.limits.failsafe_w),
+            )
+
+    # -- the controller stream ------------------------------------------------------------------
+    async def _connection_loop(self) -> None:
+        attempt = 0
+        while True:
+            before = self.connections
+            try:
+                await self._stream()
+            except grpc.aio.AioRpcError as exc:
+                self.last_error = f"{exc.code().name}: {exc.details()}"
+                level = logging.ERROR if exc.code() is grpc.StatusCode.UNAUTHENTICATED else logging.INFO
+                log.log(level, "controller stream ended: %s", self.last_error)
+            except Exception as exc:  # any other failure must not end the agent: retry
+                self.last_error = repr(exc)
+                log.info("controller stream failed: %r", exc)
+            finally:
+                if self.connected:
+                    self._lost_since = self._clock()
+                self.connected = False
+            if self.connections > before:
+                attempt = 0  # we were connected: start the backoff afresh
+            delay = backoff_delay(attempt, self.config.backoff_base_s, self.config.backoff_max_s, self._rng)
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    def _channel(self) -> grpc.aio.Channel:
+        options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+        if self.config.tls_ca is not None:
+            creds = grpc.ssl_channel_credentials(self.config.tls_ca.read_bytes())
+            return grpc.aio.secure_channel(self.config.target, creds, options=options)
+        return grpc.aio.insecure_channel(self.config.target, options=options)
+
+    def _token(self) -> str:
+        if self.config.token_file is not None:
+            return self.config.token_file.read_text().strip()
+        return self.config.token
+
+    async def _stream(self) -> None:
+        async with self._channel() as channel:
+            connect = channel.stream_stream(
+                CONNECT_METHOD,
+                request_serializer=pb.AgentMessage.SerializeToString,
+                response_deserializer=pb.ControllerMessage.FromString,
+            )
+            call = connect(metadata=(("authorization", f"Bearer {self._token()}"),))
+            await call.write(pb.AgentMessage(hello=self._hello()))
+            first = await asyncio.wait_for(call.read(), self.config.welcome_timeout_s)
+            if first is grpc.aio.EOF:
+                await call.code()  # raises AioRpcError with the hub's status if it refused us
+                raise ConnectionError("hub closed the stream without a Welcome")
+            if first.WhichOneof("body") != "welcome":
+                raise ConnectionError("hub did not answer the hello with a Welcome")
+            self._on_welcome(first.welcome)
+            sender = asyncio.create_task(self._send_loop(call))
+            try:
+                while True:
+                    msg = await call.read()
+                    if msg is grpc.aio.EOF:
+                        await call.code()
+                        return
+                    if msg.WhichOneof("body") == "command":
+                        result = self.applier.apply(msg.command)
+                        self.results.append(pb.AgentMessage(result=result))
+                        self._wake.set()
+            finally:
+                sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sender
+
+    def _on_welcome(self, welcome: pb.Welcome) -> None:
+        self.connected = True
+        self.connections += 1
+        self._lost_since = None
+        if welcome.report_interval_s > 0:
+            self.report_interval_s = welcome.report_interval_s
+        if welcome.node_share_w > 0:
+            self.guard.config.share_w = welcome.node_share_w
+        if self.guard.failsafe(None):
+            self.limits.sync()
+        self._wake.set()
+
+    async def _send_loop(self, call: grpc.aio.StreamStreamCall[pb.AgentMessage, pb.ControllerMessage]) -> None:
+        while True:
+            while self.results or self.outbox:
+                queue = self.results if self.results else self.outbox
+                msg = queue.popleft()
+                try:
+                    await call.write(msg)
+                except BaseException:
+                    queue.appendleft(msg)  # not sent: keep it for the next stream
+                    raise
+            self._wake.clear()
+            await self._wake.wait()
+
+    def _hello(self) -> pb.NodeHello:
+        return pb.NodeHello(
+            protocol_version=pb.PROTOCOL_VERSION_1,
+            node_name=self.config.node_name,
+            agent_version=AGENT_VERSION,
+            source=self.source.name,
+            power_domain=self.config.power_domain,
+            node_share_w=self.config.guard.share_w,
+            report_interval_s=self.report_interval_s,
+            accelerators=[
+                pb.AcceleratorInfo(
+                    index=d.index,
+                    uuid=d.uuid,
+                    model=d.model,
+                    memory_gib=d.memory_gib,
+                    tdp_w=d.tdp_w,
+                    min_power_limit_w=d.min_power_w,
+                    max_power_limit_w=d.max_power_w,
+                    min_sm_clock_mhz=d.min_clock_mhz,
+                    max_sm_clock_mhz=d.max_clock_mhz,
+                    driver_version=d.driver,
+                )
+                for d in self.source.devices()
+            ],
+        )
+
+
+def _gpu_sample(s: DeviceSample) -> pb.GPUSample:
+    return pb.GPUSample(
+        index=s.index,
+        power_w=s.power_w,
+        energy_j=s.energy_j,
+        utilisation=s.utilisation,
+        memory_used_gib=s.memory_used_gib,
+        sm_clock_mhz=s.sm_clock_mhz,
+        temperature_c=s.temperature_c,
+        power_limit_w=s.power_limit_w,
+        clock_limit_mhz=s.clock_limit_mhz,
+    )

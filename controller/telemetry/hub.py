@@ -1,0 +1,330 @@
+"""The telemetry hub: one gRPC stream per node agent, latest state per node, commands down.
+
+Agents stream ``NodeReport``s; the hub validates each one, keeps the latest per node plus a short
+ring buffer, marks nodes stale when reports stop, and hands summaries to the snapshot builder
+(``controller.telemetry.summary``). Commands to agents are delivered at least once: each has an
+id, stays pending until the agent answers with a ``CommandResult``, and is re-sent on every new
+stream from that node (the agent applies an id once and repeats its earlier answer).
+
+The request deserializer is the identity, so the hub sees raw bytes and can count malformed and
+oversized messages itself instead of letting gRPC drop them silently. A rejected message ends
+only its own stream; state shared between streams is touched only by the event loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from controller.telemetry.auth import Authenticator, Identity, bearer_token
+from controller.telemetry.validation import (
+    PROTOCOL_VERSION,
+    Rejected,
+    RejectReason,
+    ReportBounds,
+    validate_hello,
+    validate_report,
+)
+from protos.wattplane.v1 import agent_pb2 as pb
+
+SERVICE = "wattplane.v1.AgentService"
+CONNECT_METHOD = f"/{SERVICE}/Connect"
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    report_interval_s: float = 1.0  # told to agents in the Welcome
+    stale_after_s: float = 3.5  # a node is stale after this long without a report (~3 missed)
+    history: int = 8  # reports kept per node (ring buffer)
+    max_message_bytes: int = 512 * 1024  # larger agent messages are rejected and counted
+    lag_samples: int = 200_000  # report-to-state lag samples kept for percentiles
+
+
+class CommandState(StrEnum):
+    PENDING = "pending"  # not yet sent on any stream
+    SENT = "sent"  # sent at least once, no result yet
+    DONE = "done"  # the agent answered
+
+
+@dataclass
+class CommandRecord:
+    command: pb.Command
+    node: str
+    created_at: float
+    state: CommandState = CommandState.PENDING
+    sends: int = 0
+    result: pb.CommandResult | None = None
+    done: asyncio.Future[pb.CommandResult] | None = None
+
+
+@dataclass
+class NodeState:
+    """What the hub knows about one node; replaced fields only, never mutated protobufs."""
+
+    name: str
+    hello: pb.NodeHello
+    identity: Identity
+    connected: bool = True
+    connected_at: float = 0.0
+    last_report_at: float | None = None  # hub clock (seconds)
+    last_report: pb.NodeReport | None = None
+    history: deque[pb.NodeReport] = field(default_factory=deque)
+    reports: int = 0
+    power_domain: str | None = None
+
+    def stale(self, now: float, stale_after_s: float) -> bool:
+        seen = self.last_report_at if self.last_report_at is not None else self.connected_at
+        return now - seen > stale_after_s
+
+
+@dataclass
+class _Session:
+    node: str
+    outbox: asyncio.Queue[pb.ControllerMessage]
+    superseded: bool = False
+
+
+class LagRecorder:
+    """Report-to-state lag samples (ms) in a bounded ring; percentiles on demand."""
+
+    def __init__(self, capacity: int) -> None:
+        self._samples: deque[float] = deque(maxlen=capacity)
+
+    def add(self, lag_ms: float) -> None:
+        self._samples.append(lag_ms)
+
+    def drain(self) -> list[float]:
+        out = list(self._samples)
+        self._samples.clear()
+        return out
+
+    def percentile(self, q: float) -> float | None:
+        return percentile(list(self._samples), q)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in [0, 100]); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = min(len(ordered) - 1, max(0, round(q / 100.0 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+class TelemetryHub:
+    """Per-node state fed by agent streams; see the module docstring."""
+
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        config: HubConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config or HubConfig()
+        self._auth = authenticator
+        self._clock = clock
+        self.nodes: dict[str, NodeState] = {}
+        self.commands: dict[str, CommandRecord] = {}
+        self.rejected: Counter[str] = Counter()
+        self.reports_total = 0
+        self.lag = LagRecorder(self.config.lag_samples)
+        self._sessions: dict[str, _Session] = {}
+        self._domains: dict[str, str] = {}
+        self._ids = itertools.count(1)
+
+    # -- the gRPC side ------------------------------------------------------------------
+    def handler(self) -> grpc.GenericRpcHandler:
+        """A generic handler for ``grpc.aio.server(handlers=[hub.handler()])``."""
+        method = grpc.stream_stream_rpc_method_handler(
+            self._connect,
+            request_deserializer=None,  # raw bytes: the hub parses and counts bad input itself
+            response_serializer=pb.ControllerMessage.SerializeToString,
+        )
+        return grpc.method_handlers_generic_handler(SERVICE, {"Connect": method})
+
+    async def _connect(self, request_iterator: object, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+        session: _Session | None = None
+        writer: asyncio.Task[None] | None = None
+        try:
+            identity = await self._authenticate(context)
+            hello = await self._read_hello(context, identity)
+            session = self._open_session(hello, identity)
+            await context.write(self._welcome(hello))
+            writer = asyncio.create_task(self._write_loop(session, context))
+            self._resend_pending(session)
+            await self._read_loop(session, context)
+        except Rejected as exc:
+            self.rejected[exc.reason.value] += 1
+            await context.abort(exc.status, str(exc))
+        finally:
+            if writer is not None:
+                writer.cancel()
+            if session is not None:
+                self._close_session(session)
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext[bytes, bytes]) -> Identity:
+        token = bearer_token(context.invocation_metadata())
+        identity = await self._auth.authenticate(token) if token else None
+        if identity is None:
+            raise Rejected(RejectReason.UNAUTHENTICATED, "missing or invalid bearer token")
+        return identity
+
+    async def _read_hello(self, context: grpc.aio.ServicerContext[bytes, bytes], identity: Identity) -> pb.NodeHello:
+        raw = await context.read()
+        if raw is grpc.aio.EOF:
+            raise Rejected(RejectReason.PROTOCOL, "stream closed before NodeHello")
+        msg = self._parse(raw)
+        if msg.WhichOneof("body") != "hello":
+            raise Rejected(RejectReason.PROTOCOL, "the first message must be a NodeHello")
+        validate_hello(msg.hello)
+        if not identity.may_report_for(msg.hello.node_name):
+            raise Rejected(
+                RejectReason.PERMISSION_DENIED, f"token bound to node {identity.node!r}, not {msg.hello.node_name!r}"
+            )
+        return msg.hello
+
+    async def _read_loop(self, session: _Session, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+        state = self.nodes[session.node]
+        bounds = ReportBounds(state.hello)
+        lag = self.lag
+        while True:
+            raw = await context.read()
+            if raw is grpc.aio.EOF or session.superseded:
+                return
+            msg = self._parse(raw)
+            kind = msg.WhichOneof("body")
+            if kind == "report":
+                report = msg.report
+                validate_report(report, bounds)
+                now_ns = time.time_ns()
+                state.last_report = report
+                state.last_report_at = self._clock()
+                state.history.append(report)  # a deque with maxlen: the ring buffer
+                state.reports += 1
+                self.reports_total += 1
+                if report.sent_unix_ns:
+                    lag.add((now_ns - report.sent_unix_ns) / 1e6)
+            elif kind == "result":
+                self._record_result(msg.result)
+            else:
+                raise Rejected(RejectReason.PROTOCOL, f"unexpected {kind or 'empty'} message after the hello")
+
+    def _parse(self, raw: bytes) -> pb.AgentMessage:
+        if len(raw) > self.config.max_message_bytes:
+            raise Rejected(RejectReason.OVERSIZED, f"{len(raw)} bytes > {self.config.max_message_bytes}")
+        try:
+            return pb.AgentMessage.FromString(raw)
+        except DecodeError as exc:
+            raise Rejected(RejectReason.MALFORMED, f"not an AgentMessage: {exc}") from None
+
+    def _welcome(self, hello: pb.NodeHello) -> pb.ControllerMessage:
+        return pb.ControllerMessage(
+            welcome=pb.Welcome(protocol_version=PROTOCOL_VERSION, report_interval_s=self.config.report_interval_s)
+        )
+
+    def _open_session(self, hello: pb.NodeHello, identity: Identity) -> _Session:
+        name = hello.node_name
+        old = self._sessions.get(name)
+        if old is not None:
+            old.superseded = True  # the agent reconnected; its old stream ends on its next message
+        session = _Session(node=name, outbox=asyncio.Queue())
+        self._sessions[name] = session
+        now = self._clock()
+        prev = self.nodes.get(name)
+        state = NodeState(name=name, hello=hello, identity=identity, connected_at=now)
+        state.history = deque(prev.history if prev else (), maxlen=self.config.history)
+        if prev is not None:  # keep the latest reading across reconnects
+            state.reports, state.last_report, state.last_report_at = prev.reports, prev.last_report, prev.last_report_at
+        state.power_domain = self._domains.get(name) or hello.power_domain or None
+        self.nodes[name] = state
+        return session
+
+    def _close_session(self, session: _Session) -> None:
+        if self._sessions.get(session.node) is session:
+            del self._sessions[session.node]
+            state = self.nodes.get(session.node)
+            if state is not None:
+                state.connected = False
+
+    async def _write_loop(self, session: _Session, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+        while True:
+            msg = await session.outbox.get()
+            await context.write(msg)
+
+    # -- commands -------------------------------------------------------------------------
+    def send_command(self, node: str, command: pb.Command, *, command_id: str | None = None) -> str:
+        """Queue ``command`` for ``node`` (delivered now if connected, else on its next stream)."""
+        cid = command_id or command.id or f"{node}/{next(self._ids)}"
+        cmd = pb.Command()
+        cmd.CopyFrom(command)
+        cmd.id = cid
+        if cid in self.commands:
+            return cid  # idempotent: the same id is one command
+        record = CommandRecord(command=cmd, node=node, created_at=self._clock())
+        record.done = asyncio.get_running_loop().create_future()
+        self.commands[cid] = record
+        session = self._sessions.get(node)
+        if session is not None:
+            self._deliver(session, record)
+        return cid
+
+    async def wait_result(self, command_id: str, timeout_s: float) -> pb.CommandResult:
+        record = self.commands[command_id]
+        assert record.done is not None
+        return await asyncio.wait_for(asyncio.shield(record.done), timeout_s)
+
+    def pending_commands(self, node: str | None = None) -> list[CommandRecord]:
+        return [
+            r for r in self.commands.values() if r.state is not CommandState.DONE and (node is None or r.node == node)
+        ]
+
+    def _deliver(self, session: _Session, record: CommandRecord) -> None:
+        session.outbox.put_nowait(pb.ControllerMessage(command=record.command))
+        record.sends += 1
+        record.state = CommandState.SENT
+
+    def _resend_pending(self, session: _Session) -> None:
+        for record in self.pending_commands(session.node):
+            self._deliver(session, record)
+
+    def _record_result(self, result: pb.CommandResult) -> None:
+        record = self.commands.get(result.command_id)
+        if record is None or record.state is CommandState.DONE:
+            return  # a duplicate answer to an at-least-once delivery
+        record.state = CommandState.DONE
+        record.result = result
+        if record.done is not None and not record.done.done():
+            record.done.set_result(result)
+
+    # -- state queries ----------------------------------------------------------------------
+    def set_power_domains(self, node_domains: dict[str, str]) -> None:
+        """The controller's view (PowerDomain objects) overrides what agents say about themselves."""
+        self._domains = dict(node_domains)
+        for name, state in self.nodes.items():
+            state.power_domain = self._domains.get(name) or state.hello.power_domain or None
+
+    def now(self) -> float:
+        return self._clock()
+
+    def is_stale(self, node: str) -> bool:
+        return self.nodes[node].stale(self._clock(), self.config.stale_after_s)
+
+    def stale_nodes(self) -> list[str]:
+        now = self._clock()
+        return sorted(n for n, s in self.nodes.items() if s.stale(now, self.config.stale_after_s))
+
+    def fresh_nodes(self) -> Iterable[NodeState]:
+        now = self._clock()
+        return (s for s in self.nodes.values() if not s.stale(now, self.config.stale_after_s))
+
+    def connected_agents(self) -> int:
+        return len(self._sessions)

@@ -1,0 +1,1 @@
+"""Generated protocol packages, one per proto package (``wattplane.v1``)."""
