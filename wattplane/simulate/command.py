@@ -1,0 +1,75 @@
+"""``wattplane simulate SCENARIO.yaml [--out DIR] [--json] [--seed N] [--compare baselines]``"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from policies.snapshot import BadInputError
+from wattplane.datasets import MissingDataError
+from wattplane.simulate.engine import SimResult, Simulation, progress_bar
+from wattplane.simulate.load import generate_load
+from wattplane.simulate.report import summary, to_json, write_csv, write_cycles, write_html
+from wattplane.simulate.scenario import Scenario, load_scenario
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("scenario", help="scenario YAML (see examples/scenarios/)")
+    parser.add_argument("--out", default=None, help="write report.html, CSV time series and cycle logs here")
+    parser.add_argument("--json", action="store_true", help="print one JSON object with the metrics per policy set")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: the scenario's)")
+    parser.add_argument("--compare", choices=("baselines",), default=None,
+                        help="also run every stage's baseline and a static (all off) fleet")
+    parser.add_argument("--data-dir", default=None, help="data directory for data:... paths (default ../shared/data)")
+    parser.add_argument("--duration", type=float, default=None, help="override the scenario's duration (s)")
+
+
+def simulate(scenario: Scenario, seed: int, compare: str | None = None, base_dir: Path | None = None,
+             data_dir: str | None = None, show_progress: bool = False) -> list[SimResult]:
+    """Run every policy set of the scenario on the same load (same seed, same arrivals)."""
+    load = generate_load(scenario, seed, base_dir, data_dir)
+    results = []
+    for name, config in scenario.policy_sets(compare).items():
+        bar = progress_bar(f"{scenario.name}/{name}") if show_progress else None
+        results.append(Simulation(scenario, config, load, seed, policy_set=name, progress=bar).run())
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    path = Path(args.scenario)
+    try:
+        scenario = load_scenario(path)
+    except BadInputError as exc:
+        sys.stderr.write(f"wattplane simulate: {exc}\n")
+        return 2
+    if args.duration is not None:
+        scenario = scenario.model_copy(update={"duration_s": float(args.duration)})
+    seed = scenario.seed if args.seed is None else int(args.seed)
+    t0 = time.perf_counter()
+    try:
+        results = simulate(scenario, seed, args.compare, path.parent, args.data_dir,
+                           show_progress=not args.json)
+    except MissingDataError as exc:
+        sys.stderr.write(f"wattplane simulate: {exc}\n")
+        return 2
+    wall = time.perf_counter() - t0
+    doc = to_json(scenario.name, seed, scenario.step_s, scenario.duration_s, results)
+    doc["wall_s"] = round(wall, 3)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for r in results:
+            write_csv(out, r, scenario.step_s)
+            write_cycles(out, r)
+        (out / "summary.json").write_text(json.dumps(doc, indent=2))
+        report = write_html(out, scenario.name, scenario.description, results, scenario.step_s)
+    if args.json:
+        sys.stdout.write(json.dumps(doc) + "\n")
+    else:
+        sys.stdout.write(summary(scenario.name, results, wall) + "\n")
+        if args.out:
+            sys.stdout.write(f"\nreport: {report}\n")
+    return 1 if any(r.invariant_violations for r in results) else 0

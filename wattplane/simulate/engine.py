@@ -1,0 +1,599 @@
+"""The discrete-time fleet simulation: load in, policy pipeline on a period, physics every step.
+
+Every ``step_s`` the simulator serves each deployment's arrivals with the capacity of its ready
+replicas and computes latency and power; every ``control_period_s`` it builds a
+:class:`~policies.snapshot.Snapshot` of the fleet (nodes, pods, per-GPU telemetry, serving
+telemetry, expert loads), runs :func:`policies.pipeline.run_pipeline` — the same function the
+controller runs — and applies the plans through the fleet's ports.
+
+The serving model (fluid, per deployment; documented so results can be judged):
+
+* capacity of a replica: ``Profile.tokens_per_s_capacity(input_share)`` output tokens/s from
+  :mod:`policies.profiles` (prefill and decode share the replica's time), times the slowest GPU's
+  ``throughput_fraction`` under its power cap (:mod:`policies.power_model`), times, for MoE
+  models, ``0.5 + 0.5 * balancedness`` of the current expert placement under the current expert
+  loads (half of a step waits for the hottest device);
+* a queue carries output tokens that exceeded capacity into the next step (dropped after 60 s);
+* ``rho`` = arrivals / capacity; TTFT p99 = ``ttft_base * (1 + 4.6 * rho / (1 - rho) / sqrt(n))``
+  + queue wait, where 4.6 = -ln(0.01) is the M/M/1 p99 waiting factor and ``sqrt(n)`` the pooling
+  gain of ``n`` ready replicas; TPOT p99 = ``tpot_base * (0.6 + 0.8 * rho) / decode_speed`` with
+  ``tpot_base`` the profile's median ITL at calibration load: 0.6x near idle (small batches),
+  1.4x — a p99/median ratio typical of continuous batching — as the batch fills;
+* a step meets its SLO when both p99s are within the deployment's SLO; SLO attainment is the share
+  of requests that arrived in steps that met it;
+* power per GPU: :func:`policies.power_model.gpu_power_w` with the deployment's utilisation
+  (served / capacity) and prompt-phase share; idle GPUs draw idle power, background pods half load.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from policies import power_model
+from policies.pipeline import PipelineConfig, PipelineState, run_pipeline
+from policies.plan import Plan
+from policies.profiles import Profile, ProfileTable, default_table
+from policies.snapshot import (
+    ExpertLoad,
+    ExpertPlacement,
+    GPUTelemetry,
+    Node,
+    Pod,
+    Pool,
+    PowerDomain,
+    PriorityClass,
+    ReplicaSet,
+    ServingTelemetry,
+    Snapshot,
+)
+from wattplane.simulate.fleet import ApplyReport, SimulatedFleet, apply_plan
+from wattplane.simulate.load import LoadSeries
+from wattplane.simulate.scenario import Scenario
+
+MAX_QUEUE_S = 60.0  # queued work older than this is dropped (clients time out)
+P99_WAIT_FACTOR = -math.log(0.01)
+MOE_EXPERT_SHARE = 0.5
+TPOT_LOW, TPOT_SLOPE = 0.6, 0.8  # TPOT p99 = median ITL at calibration load x (0.6 + 0.8 rho)
+
+
+@dataclass
+class SimResult:
+    """Everything a run produced: summary metrics, time series, and per-cycle records."""
+
+    policy_set: str
+    methods: dict[str, str]
+    metrics: dict[str, float]
+    series: dict[str, np.ndarray]  # name -> [steps] or [k, steps]
+    series_labels: dict[str, list[str]]
+    cycles: list[dict[str, Any]] = field(default_factory=list)
+    invariant_violations: list[str] = field(default_factory=list)
+    unavailable: list[str] = field(default_factory=list)
+
+
+class Simulation:
+    def __init__(self, scenario: Scenario, pipeline: PipelineConfig, load: LoadSeries, seed: int,
+                 policy_set: str = "wattplane", profiles: ProfileTable | None = None,
+                 progress: Callable[[float], None] | None = None, check_invariants: bool = True) -> None:
+        self.scenario = scenario
+        self.pipeline = pipeline
+        self.load = load
+        self.policy_set = policy_set
+        self.rng = np.random.default_rng(seed + 7919)
+        self.fleet = SimulatedFleet(scenario, np.random.default_rng(seed + 104729))
+        self.table = profiles or default_table()
+        self.progress = progress
+        self.check_invariants = check_invariants
+        self.domains = [d.domain() for d in scenario.deployments]
+        n_dep, n_pool = len(self.domains), len(scenario.pools)
+        # profile per (deployment, pool); None when its weights do not fit there
+        self.profiles: list[list[Profile | None]] = [
+            [self.table.for_deployment(d, p.accelerator) for p in scenario.pools] for d in self.domains
+        ]
+        req = load.requests.sum(axis=1)
+        inp = load.input_tokens.sum(axis=1)
+        out = load.output_tokens.sum(axis=1)
+        self.input_share = np.where(out > 0, inp / np.maximum(out, 1), 5.5)
+        self.mean_out = np.where(req > 0, out / np.maximum(req, 1), 211.0)
+        self.base_cap = np.zeros((n_dep, n_pool))
+        self.prefill_fraction = np.zeros((n_dep, n_pool))
+        for d in range(n_dep):
+            for p in range(n_pool):
+                prof = self.profiles[d][p]
+                if prof is None:
+                    continue
+                self.base_cap[d, p] = prof.tokens_per_s_capacity(float(self.input_share[d]))
+                t_in = self.input_share[d] / prof.input_tokens_per_s
+                t_out = 1.0 / prof.output_tokens_per_s
+                self.prefill_fraction[d, p] = t_in / (t_in + t_out)
+        self.priority = [d.priority for d in self.domains]
+        self._power_cache: dict[tuple[int, float, float, float], float] = {}
+        self._thr_cache: dict[tuple[int, float, float], float] = {}
+        self._moe_init()
+
+    # -- MoE expert load (synthetic: Zipf skew, lognormal drift, shifts of the hot set) ---------
+    def _moe_init(self) -> None:
+        self.moe_loads: dict[int, np.ndarray] = {}
+        for i, d in enumerate(self.domains):
+            shape = d.model.moe
+            if shape is None:
+                continue
+            ranks = np.arange(1, shape.experts + 1, dtype=float)
+            base = ranks ** -self.scenario.moe_load.zipf_s
+            loads = np.stack([self.rng.permutation(base) for _ in range(shape.moe_layers)])
+            self.moe_loads[i] = loads / loads.sum(axis=1, keepdims=True)
+            devices = d.parallelism.ep if d.parallelism.ep > 1 else d.parallelism.devices
+            spd = d.moe_elasticity.slots_per_device if d.moe_elasticity else 1
+            spd = max(spd, math.ceil(shape.experts / devices))
+            phy = np.tile(np.arange(devices * spd) % shape.experts, (shape.moe_layers, 1))
+            self.fleet.placements[i] = (0, phy, spd)
+        self._shifts = sorted(self.scenario.moe_load.shift_at_s)
+
+    def _moe_drift(self, now: float, dt: float) -> None:
+        shift = bool(self._shifts) and self._shifts[0] <= now
+        while self._shifts and self._shifts[0] <= now:
+            self._shifts.pop(0)
+        sigma = self.scenario.moe_load.drift * math.sqrt(max(dt, 0.0) / max(self.scenario.control_period_s, 1e-9))
+        for i, loads in self.moe_loads.items():
+            if shift:
+                loads = np.stack([self.rng.permutation(row) for row in loads])
+            loads = loads * np.exp(self.rng.normal(0.0, sigma, loads.shape))
+            self.moe_loads[i] = loads / loads.sum(axis=1, keepdims=True)
+
+    def balancedness(self, dep: int) -> float:
+        """Mean over layers of (mean device load / max device load) for the current placement."""
+        if dep not in self.moe_loads or dep not in self.fleet.placements:
+            return 1.0
+        loads = self.moe_loads[dep]
+        _, phy, spd = self.fleet.placements[dep]
+        n_layers, n_experts = loads.shape
+        if phy.shape[0] != n_layers or phy.shape[1] % spd:
+            return 1.0
+        valid = phy >= 0
+        rows = np.broadcast_to(np.arange(n_layers)[:, None], phy.shape)
+        counts = np.zeros((n_layers, n_experts))
+        np.add.at(counts, (rows[valid], phy[valid]), 1.0)
+        safe = np.where(valid, phy, 0)
+        slot = np.where(valid, loads[rows, safe] / np.maximum(counts[rows, safe], 1.0), 0.0)
+        device = slot.reshape(n_layers, -1, spd).sum(axis=2)
+        bal = device.mean(axis=1) / np.maximum(device.max(axis=1), 1e-12)
+        bal = bal * (1 - np.where(counts == 0, loads, 0.0).sum(axis=1))  # unplaced experts' load is not served
+        return float(np.clip(bal, 0.0, 1.0).mean())
+
+    # -- capacity and power ---------------------------------------------------------------------
+    def _thr(self, pool: int, cap: float, pf: float) -> float:
+        key = (pool, cap, round(pf, 2))
+        v = self._thr_cache.get(key)
+        if v is None:
+            spec = self.fleet.spec(pool)
+            v = power_model.throughput_fraction(spec, None if math.isnan(cap) else cap, key[2], 1.0)
+            self._thr_cache[key] = v
+        return v
+
+    def _power(self, pool: int, pf: float, u: float, cap: float) -> float:
+        key = (pool, round(pf, 2), round(u, 2), cap)
+        v = self._power_cache.get(key)
+        if v is None:
+            spec = self.fleet.spec(pool)
+            v = power_model.gpu_power_w(spec, key[1], key[2], None if math.isnan(cap) else cap)
+            self._power_cache[key] = v
+        return v
+
+    def _refresh(self, now: float) -> None:
+        """Recompute per-deployment capacity and the GPU power groups after any change."""
+        f = self.fleet
+        n_dep = len(self.domains)
+        cap = np.zeros(n_dep)
+        ready = np.zeros((n_dep, len(f.pools)), dtype=np.int64)
+        starting = np.zeros_like(ready)
+        ttft_w = np.zeros(n_dep)
+        tpot_w = np.zeros(n_dep)
+        moe = np.array([MOE_EXPERT_SHARE * self.balancedness(d) + (1 - MOE_EXPERT_SHARE) if d in self.moe_loads
+                        else 1.0 for d in range(n_dep)])
+        self.moe_factor = moe
+        next_ready = math.inf
+        capq = np.where(np.isnan(f.cap), -1.0, np.round(f.cap, 0))
+        for r in f.replicas.values():
+            if r.ready_at > now:
+                starting[r.deployment, r.pool] += 1
+                next_ready = min(next_ready, r.ready_at)
+                continue
+            ready[r.deployment, r.pool] += 1
+            prof = self.profiles[r.deployment][r.pool]
+            if prof is None:
+                continue
+            pf = float(self.prefill_fraction[r.deployment, r.pool])
+            thr = min(self._thr(r.pool, np.nan if c < 0 else c, pf) for c in set(capq[r.gpus].tolist()))
+            c = self.base_cap[r.deployment, r.pool] * thr * moe[r.deployment]
+            cap[r.deployment] += c
+            ttft_w[r.deployment] += c * prof.ttft_ms / max(thr, 1e-6)
+            tpot_w[r.deployment] += c * prof.tpot_ms / max(thr, 1e-6)
+        self.capacity = cap
+        self.ready = ready
+        self.starting = starting
+        self.n_ready = ready.sum(axis=1)
+        self.ttft_base = np.where(cap > 0, ttft_w / np.maximum(cap, 1e-9), np.inf)
+        self.tpot_base = np.where(cap > 0, tpot_w / np.maximum(cap, 1e-9), np.inf)
+        self.next_ready = next_ready
+        # power groups: (pool, role, cap) where role = deployment, -1 idle, -2 background, -3 failed
+        role = np.where(f.owner >= 0, -1, -1)
+        if f.replicas:
+            owner_dep = np.full(len(f.owner), -1, dtype=np.int64)
+            for r in f.replicas.values():
+                owner_dep[r.gpus] = r.deployment if r.ready_at <= now else -1
+            role = owner_dep
+        role = np.where((role == -1) & (f.bg_milli > 0), -2, role)
+        role = np.where(~f.node_ready[f.gpu_node], -3, role)
+        self.gpu_role = role
+        n_dom = len(f.domains)  # column n_dom collects GPUs outside any power domain
+        key = np.stack([f.gpu_pool, role, capq.astype(np.int64), np.where(f.gpu_domain >= 0, f.gpu_domain, n_dom)],
+                       axis=1) if len(role) else np.zeros((0, 4), dtype=np.int64)
+        uniq, inverse = np.unique(key, axis=0, return_inverse=True)
+        self.gpu_group = inverse.reshape(-1)
+        self.groups = uniq
+        counts = np.zeros((len(uniq), n_dom + 1))
+        np.add.at(counts, (np.arange(len(uniq)), uniq[:, 3]), np.bincount(self.gpu_group, minlength=len(uniq)))
+        self.group_counts = counts
+        self.version_seen = f.version
+
+    def _group_power(self, util: np.ndarray) -> np.ndarray:
+        out = np.empty(len(self.groups))
+        for i, (pool, role, capi, _dom) in enumerate(self.groups):
+            cap = np.nan if capi < 0 else float(capi)
+            if role >= 0:
+                u = float(util[role])
+                out[i] = self._power(int(pool), float(self.prefill_fraction[role, pool]) * u, u, cap)
+            elif role == -2:
+                out[i] = self._power(int(pool), 0.05, 0.5, cap)
+            elif role == -3:
+                out[i] = 0.0
+            else:
+                out[i] = self._power(int(pool), 0.0, 0.0, cap)
+        return out
+
+    # -- snapshot ---------------------------------------------------------------------------------
+    def build_snapshot(self, now: float, window: dict[str, np.ndarray], gpu_power: np.ndarray,
+                       gpu_util: np.ndarray) -> Snapshot:
+        f = self.fleet
+        sc = self.scenario
+        pools = tuple(Pool(name=p.name, accelerator=p.accelerator, gpus_per_node=p.gpus_per_node,
+                           cost_per_device_hour=p.cost_per_device_hour, power_domain=p.power_domain,
+                           min_nodes=p.nodes, max_nodes=p.nodes) for p in sc.pools)
+        nodes = tuple(
+            Node.model_construct(name=name, pool=sc.pools[int(f.node_pool[i])].name,
+                                 accelerator_model=sc.pools[int(f.node_pool[i])].accelerator.model,
+                                 gpus=sc.pools[int(f.node_pool[i])].gpus_per_node, cpu_milli=128_000,
+                                 memory_mib=1_048_576, numa_nodes=2, ready=bool(f.node_ready[i]), schedulable=True,
+                                 power_domain=sc.pools[int(f.node_pool[i])].power_domain, labels={})
+            for i, name in enumerate(f.node_names)
+        )
+        domains = tuple(
+            PowerDomain(name=d.name, budget_w=d.budget_w, safety_margin=d.safety_margin, thresholds=d.thresholds,
+                        nodes=tuple(n for i, n in enumerate(f.node_names)
+                                    if sc.pools[int(f.node_pool[i])].power_domain == d.name))
+            for d in sc.power_domains
+        )
+        replicas = tuple(
+            ReplicaSet(deployment=self.domains[d].name, pool=sc.pools[p].name, replicas=int(f.desired[d, p]),
+                       ready=int(self.ready[d, p]))
+            for d in range(len(self.domains)) for p in range(len(sc.pools))
+            if f.desired[d, p] or self.ready[d, p]
+        )
+        pods: list[Pod] = []
+        for r in sorted(f.replicas.values(), key=lambda r: r.id):
+            dep = self.domains[r.deployment]
+            nodes_of = f.gpu_node[r.gpus]
+            for k, node in enumerate(dict.fromkeys(nodes_of.tolist())):
+                idx = tuple(int(x) for x in f.gpu_local[r.gpus[nodes_of == node]])
+                pods.append(Pod.model_construct(
+                    name=f"{r.name}-{k}", node=f.node_names[node], cpu_milli=8000 * len(idx),
+                    memory_mib=65536 * len(idx), num_gpu=len(idx), gpu_milli=1000, gpu_indices=idx,
+                    gpu_model=sc.pools[r.pool].accelerator.model, priority=dep.priority, deployment=dep.name,
+                    pdb=None, movable=len(r.gpus) <= sc.pools[r.pool].gpus_per_node, numa=None))
+        for d in range(len(self.domains)):
+            for p in range(len(sc.pools)):
+                for k in range(f.pending(d, p)):
+                    dep = self.domains[d]
+                    pods.append(Pod.model_construct(
+                        name=f"{dep.name}-{sc.pools[p].name}-pending-{k}", node=None,
+                        cpu_milli=8000 * dep.parallelism.devices, memory_mib=65536 * dep.parallelism.devices,
+                        num_gpu=dep.parallelism.devices, gpu_milli=1000, gpu_indices=(),
+                        gpu_model=sc.pools[p].accelerator.model, priority=dep.priority, deployment=dep.name,
+                        pdb=None, movable=True, numa=None))
+        for bg in sorted(f.background.values(), key=lambda b: b.name):
+            pods.append(Pod.model_construct(
+                name=bg.name, node=f.node_names[bg.node], cpu_milli=bg.cpu_milli, memory_mib=bg.memory_mib,
+                num_gpu=len(bg.gpus), gpu_milli=bg.milli, gpu_indices=tuple(int(x) for x in f.gpu_local[bg.gpus]),
+                gpu_model=None, priority=PriorityClass.BEST_EFFORT, deployment=None, pdb=None, movable=True,
+                numa=None))
+        role = self.gpu_role
+        telemetry = tuple(
+            GPUTelemetry.model_construct(
+                node=f.node_names[int(f.gpu_node[g])], index=int(f.gpu_local[g]), power_w=float(gpu_power[g]),
+                utilisation=float(gpu_util[g]), memory_used_gib=0.0, sm_clock_mhz=0.0, temperature_c=0.0,
+                power_limit_w=None if math.isnan(f.cap[g]) else float(f.cap[g]), energy_j=0.0,
+                deployment=self.domains[int(role[g])].name if role[g] >= 0 else None,
+                priority=self.priority[int(role[g])] if role[g] >= 0 else
+                (PriorityClass.BEST_EFFORT if role[g] == -2 else None))
+            for g in range(len(f.owner))
+        )
+        serving = tuple(
+            ServingTelemetry(deployment=d.name, requests_per_s=float(window["requests"][i]),
+                             input_tokens_per_s=float(window["input"][i]),
+                             output_tokens_per_s=float(window["output"][i]),
+                             queue_depth=float(window["queue"][i]),
+                             ttft_p99_ms=float(min(window["ttft"][i], 1e9)),
+                             tpot_p99_ms=float(min(window["tpot"][i], 1e9)))
+            for i, d in enumerate(self.domains)
+        )
+        expert_loads = []
+        placements = []
+        for i, loads in self.moe_loads.items():
+            tokens = float(window["input"][i] + window["output"][i])
+            shape = self.domains[i].model.moe
+            assert shape is not None
+            scaled = loads * max(tokens, 1.0) * shape.top_k
+            expert_loads.append(ExpertLoad(deployment=self.domains[i].name,
+                                           loads=tuple(tuple(float(x) for x in row) for row in scaled)))
+            version, phy, spd = f.placements[i]
+            placements.append(ExpertPlacement(deployment=self.domains[i].name, version=version,
+                                              devices=phy.shape[1] // spd, slots_per_device=spd,
+                                              phy2log=tuple(tuple(int(x) for x in row) for row in phy)))
+        return Snapshot(now=now, pools=pools, nodes=nodes, power_domains=domains,
+                        deployments=tuple(self.domains), replicas=replicas, pods=tuple(pods),
+                        gpu_telemetry=telemetry, serving=serving, expert_loads=tuple(expert_loads),
+                        expert_placements=tuple(placements))
+
+    # -- the run ---------------------------------------------------------------------------------
+    def run(self) -> SimResult:
+        sc = self.scenario
+        f = self.fleet
+        dt = sc.step_s
+        steps = self.load.steps
+        n_dep = len(self.domains)
+        n_dom = len(f.domains)
+        for i, d in enumerate(sc.deployments):
+            for pool, n in d.initial_replicas.items():
+                f.desired[i, f.pool_index[pool]] = n
+        f.reconcile_replicas(0.0)
+        f.seed_background()
+        self._refresh(0.0)
+        budgets = np.array([d.budget_w for d in f.domains])
+        faults = sorted(sc.faults, key=lambda x: x.at_s)
+        churn = sc.background.churn_per_hour
+        # series
+        s_power = np.zeros((n_dom + 1, steps))
+        s_ttft = np.zeros((n_dep, steps))
+        s_tpot = np.zeros((n_dep, steps))
+        s_demand = np.zeros((n_dep, steps))
+        s_served = np.zeros((n_dep, steps))
+        s_share = np.zeros((n_dep, steps))
+        s_ready = np.zeros((n_dep * len(f.pools), steps))
+        s_caps = np.zeros(steps)
+        s_cost = np.zeros(steps)
+        s_met = np.zeros((n_dep, steps))
+        s_requests = np.zeros((n_dep, steps))
+        backlog = np.zeros(n_dep)
+        dropped = np.zeros(n_dep)
+        total = ApplyReport()
+        state = PipelineState()
+        cycles: list[dict[str, Any]] = []
+        unavailable: set[str] = set()
+        violations: list[str] = []
+        fallback_plans = 0
+        plans_total = 0
+        cost_rate = np.array([p.cost_per_device_hour for p in sc.pools])
+        win_start = 0
+        last_util = np.zeros(n_dep)
+        last_group_power = self._group_power(last_util)
+        period_steps = max(1, round(sc.control_period_s / dt))
+        report_every = max(1, steps // 100)
+        for s in range(steps):
+            now = s * dt
+            while faults and faults[0].at_s <= now:
+                fault = faults.pop(0)
+                f.fail_node(fault.node, fault.kind == "fail")
+            if s > 0 and s % period_steps == 0:
+                self._moe_drift(now, sc.control_period_s)
+                if churn > 0:
+                    f.finish_background(churn * sc.control_period_s / 3600.0)
+                if now >= self.next_ready:
+                    f.reconcile_replicas(now)
+                if f.version != self.version_seen or now >= self.next_ready:
+                    self._refresh(now)
+                    last_group_power = self._group_power(last_util)
+                window = self._window(win_start, s, s_requests, s_demand, backlog, s_ttft, s_tpot)
+                gpu_power = last_group_power[self.gpu_group]
+                gpu_util = np.where(self.gpu_role >= 0, last_util[np.maximum(self.gpu_role, 0)],
+                                    np.where(self.gpu_role == -2, 0.5, 0.0))
+                t0 = time.perf_counter()
+                snapshot = self.build_snapshot(now, window, gpu_power, gpu_util)
+                t1 = time.perf_counter()
+                result = run_pipeline(snapshot, self.pipeline, state)
+                t2 = time.perf_counter()
+                state = result.state
+                unavailable.update(result.unavailable)
+                report = ApplyReport()
+                for plan in result.plans:
+                    apply_plan(f, plan, now, report)
+                    plans_total += 1
+                    fallback_plans += int(plan.explanation.fallback is not None)
+                _add(total, report)
+                cycles.append(_cycle_record(now, result.plans, result.ran, (t1 - t0) * 1000, (t2 - t1) * 1000,
+                                            report))
+                win_start = s
+                if self.check_invariants:
+                    violations.extend(f"t={now:.0f}s: {p}" for p in f.check())
+            elif f.version != self.version_seen or now >= self.next_ready:
+                if now >= self.next_ready:
+                    f.reconcile_replicas(now)  # replacements ready: make-before-break removals go now
+                self._refresh(now)
+            # -- serve this step's arrivals
+            req = self.load.requests[:, s].copy()
+            inp = self.load.input_tokens[:, s].copy()
+            out = self.load.output_tokens[:, s].copy()
+            s_requests[:, s] = req
+            s_demand[:, s] = out / dt
+            share = np.zeros(n_dep)
+            for dep, (fb, sh) in f.routing.items():
+                share[dep] = sh
+                for arr in (req, inp, out):
+                    moved = arr[dep] * sh
+                    arr[dep] -= moved
+                    arr[fb] += moved
+            s_share[:, s] = share
+            cap_tokens = self.capacity * dt
+            work = out + backlog
+            served = np.minimum(work, cap_tokens)
+            backlog = work - served
+            over = np.maximum(backlog - self.capacity * MAX_QUEUE_S, 0.0)
+            dropped += over
+            backlog -= over
+            util = np.where(cap_tokens > 0, served / np.maximum(cap_tokens, 1e-12), 0.0)
+            rho = np.where(cap_tokens > 0, out / np.maximum(cap_tokens, 1e-12), np.where(out > 0, np.inf, 0.0))
+            rho_c = np.minimum(rho, 0.99)
+            wait_ms = np.where(self.capacity > 0, backlog / np.maximum(self.capacity, 1e-12) * 1000, np.inf)
+            ttft = self.ttft_base * (1 + P99_WAIT_FACTOR * rho_c / (1 - rho_c) / np.sqrt(np.maximum(self.n_ready, 1)))
+            ttft = ttft + np.where(backlog > 0, wait_ms, 0.0)
+            ttft = np.where(out > 0, ttft, np.where(self.capacity > 0, self.ttft_base, 0.0))
+            tpot = np.where(self.capacity > 0, self.tpot_base * (TPOT_LOW + TPOT_SLOPE * rho_c), np.inf)
+            tpot = np.where(out > 0, tpot, np.where(self.capacity > 0, self.tpot_base, 0.0))
+            slo_ttft = np.array([d.slo.ttft_p99_ms for d in self.domains])
+            slo_tpot = np.array([d.slo.tpot_p99_ms for d in self.domains])
+            met = (ttft <= slo_ttft) & (tpot <= slo_tpot) & (rho <= 1.0)
+            s_ttft[:, s] = ttft
+            s_tpot[:, s] = tpot
+            s_served[:, s] = served / dt
+            s_met[:, s] = np.where(met, req, 0.0)
+            s_requests[:, s] = req  # after routing: what each deployment actually received
+            last_util = util
+            last_group_power = self._group_power(util)
+            s_power[:, s] = last_group_power @ self.group_counts if len(self.groups) else 0.0
+            s_ready[:, s] = self.ready.reshape(-1)
+            s_caps[s] = float(np.count_nonzero(~np.isnan(f.cap)))
+            held = (f.owner >= 0)
+            s_cost[s] = float((cost_rate[f.gpu_pool[held]]).sum()) if held.any() else 0.0
+            if self.progress is not None and s % report_every == 0:
+                self.progress(s / steps)
+        if self.progress is not None:
+            self.progress(1.0)
+        metrics = self._metrics(s_power, budgets, s_requests, s_met, s_ttft, s_tpot, s_served, s_cost,
+                                self.load, total, cycles, dropped, fallback_plans, plans_total)
+        dep_names = [d.name for d in self.domains]
+        series = {"power_w": s_power[:n_dom], "budget_w": budgets, "ttft_p99_ms": s_ttft, "tpot_p99_ms": s_tpot,
+                  "demand_tokens_per_s": s_demand, "served_tokens_per_s": s_served, "fallback_share": s_share,
+                  "ready_replicas": s_ready, "capped_gpus": s_caps, "cost_per_hour": s_cost,
+                  "fleet_power_w": s_power.sum(axis=0)}
+        labels = {"power_w": [d.name for d in f.domains], "budget_w": [d.name for d in f.domains],
+                  "ttft_p99_ms": dep_names, "tpot_p99_ms": dep_names, "demand_tokens_per_s": dep_names,
+                  "served_tokens_per_s": dep_names, "fallback_share": dep_names,
+                  "ready_replicas": [f"{d}@{p.name}" for d in dep_names for p in f.pools]}
+        return SimResult(self.policy_set, self.pipeline.methods(), metrics, series, labels, cycles, violations,
+                         sorted(unavailable))
+
+    def _window(self, start: int, end: int, requests: np.ndarray, demand: np.ndarray, backlog: np.ndarray,
+                ttft: np.ndarray, tpot: np.ndarray) -> dict[str, np.ndarray]:
+        """Serving telemetry over the last control period: addressed (pre-routing) load, p99s, queue."""
+        dt = self.scenario.step_s
+        span = max(end - start, 1) * dt
+        sl = slice(start, max(end, start + 1))
+        return {
+            "requests": self.load.requests[:, sl].sum(axis=1) / span,
+            "input": self.load.input_tokens[:, sl].sum(axis=1) / span,
+            "output": self.load.output_tokens[:, sl].sum(axis=1) / span,
+            "queue": backlog / np.maximum(self.mean_out, 1.0),
+            "ttft": ttft[:, sl].max(axis=1) if end > start else np.zeros(len(backlog)),
+            "tpot": tpot[:, sl].max(axis=1) if end > start else np.zeros(len(backlog)),
+        }
+
+    def _metrics(self, power: np.ndarray, budgets: np.ndarray, requests: np.ndarray, met: np.ndarray,
+                 ttft: np.ndarray, tpot: np.ndarray, served: np.ndarray, cost: np.ndarray, load: LoadSeries,
+                 total: ApplyReport, cycles: list[dict[str, Any]], dropped: np.ndarray, fallback_plans: int,
+                 plans_total: int) -> dict[str, float]:
+        dt = self.scenario.step_s
+        n_dom = len(budgets)
+        energy_j = float(power.sum() * dt)
+        tokens = float(served.sum() * dt)
+        hours = load.steps * dt / 3600.0
+        req_total = float(requests.sum())
+        over = (power[:n_dom] > budgets[:, None] * (1 + 1e-9)).sum() * dt if n_dom else 0.0
+        weights = requests.reshape(-1)
+        solve = np.array([c["pipeline_ms"] for c in cycles]) if cycles else np.zeros(1)
+        addressed = float(load.requests.sum())
+        routed = float((load.requests - np.maximum(requests, 0)).clip(min=0).sum())
+        cost_total = float(cost.sum() * dt / 3600.0)
+        return {
+            "slo_attainment": float(met.sum() / req_total) if req_total else 1.0,
+            "ttft_p99_ms": _weighted_quantile(np.minimum(ttft, 1e7).reshape(-1), weights, 0.99),
+            "tpot_p99_ms": _weighted_quantile(np.minimum(tpot, 1e7).reshape(-1), weights, 0.99),
+            "cost_per_hour": cost_total / hours if hours else 0.0,
+            "cost_per_million_tokens": cost_total / (tokens / 1e6) if tokens else 0.0,
+            "energy_kwh": energy_j / 3.6e6,
+            "tokens_per_joule": tokens / energy_j if energy_j else 0.0,
+            "over_budget_s": float(over),
+            "caps_applied": float(total.caps_set),
+            "migrations": float(total.migrations),
+            "migrations_rejected": float(total.migrations_rejected),
+            "expert_copies": float(total.expert_copies),
+            "replica_changes": float(total.replica_changes),
+            "fallback_share": routed / addressed if addressed else 0.0,
+            "solver_ms_p99": float(np.percentile(solve, 99)),
+            "solver_ms_p50": float(np.percentile(solve, 50)),
+            "snapshot_ms_p99": float(np.percentile([c["snapshot_ms"] for c in cycles] or [0.0], 99)),
+            "policy_fallback_share": fallback_plans / plans_total if plans_total else 0.0,
+            "output_tokens": tokens,
+            "requests": addressed,
+            "dropped_share": float(dropped.sum() / max(load.output_tokens.sum(), 1.0)),
+            "cycles": float(len(cycles)),
+        }
+
+
+def _weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
+    mask = weights > 0
+    if not mask.any():
+        return 0.0
+    v, w = values[mask], weights[mask]
+    order = np.argsort(v)
+    cw = np.cumsum(w[order])
+    idx = int(np.searchsorted(cw, q * cw[-1]))
+    return float(v[order][min(idx, len(v) - 1)])
+
+
+def _add(total: ApplyReport, r: ApplyReport) -> None:
+    for k in vars(r):
+        setattr(total, k, getattr(total, k) + getattr(r, k))
+
+
+def _cycle_record(now: float, plans: tuple[Plan, ...], ran: tuple[str, ...], snapshot_ms: float,
+                  pipeline_ms: float, report: ApplyReport) -> dict[str, Any]:
+    return {
+        "t": now, "ran": list(ran), "snapshot_ms": snapshot_ms, "pipeline_ms": pipeline_ms,
+        "plans": [{"policy": p.policy.value, "actions": len(p.actions), "reason": p.explanation.reason.value,
+                   "summary": p.explanation.summary, "solver_status": p.explanation.solver_status.value,
+                   "solve_ms": p.explanation.solve_ms, "fallback": p.explanation.fallback} for p in plans],
+        **{k: v for k, v in vars(report).items()},
+    }
+
+
+def progress_bar(label: str) -> Callable[[float], None]:
+    """A one-line progress bar on stderr (only when stderr is a terminal)."""
+    if not sys.stderr.isatty():
+        return lambda _x: None
+
+    def show(x: float) -> None:
+        n = int(30 * x)
+        sys.stderr.write(f"\r{label} [{'#' * n}{'.' * (30 - n)}] {100 * x:5.1f}%")
+        if x >= 1.0:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+__all__ = ["SimResult", "Simulation", "progress_bar"]
