@@ -231,12 +231,20 @@ def evaluate(weights: RouterWeights, questions: Sequence[Question], use_subject:
     return apgr_cpt(s, [q.small for q in questions], [q.large for q in questions])
 
 
-def calibrate(weights: RouterWeights, questions: Sequence[Question], bins: int = CALIBRATION_BINS
-              ) -> tuple[CalibrationBin, ...]:
-    """Equal-count score bands of the training split, with each model's accuracy in the band."""
-    s = np.asarray(score_many(weights, [q.prompt for q in questions], [q.subject for q in questions]))
+def calibrate(weights: RouterWeights, questions: Sequence[Question], bins: int = CALIBRATION_BINS,
+              out_of_fold: Sequence[float] | None = None) -> tuple[CalibrationBin, ...]:
+    """Equal-count score bands of the training split, with each model's accuracy in the band.
+
+    Band edges are quantiles of ``weights``' own scores (so a threshold on its scale is right);
+    accuracies per band come from ``out_of_fold`` scores when given (each question scored by a
+    model that did not train on it), since in-sample scores flatter the model: in-sample, the
+    easiest band even shows the small model beating the large one, which held-out data does not.
+    """
+    own = np.asarray(score_many(weights, [q.prompt for q in questions], [q.subject for q in questions]))
+    s = np.asarray(out_of_fold) if out_of_fold is not None else own
     small = np.asarray([q.small for q in questions])
     large = np.asarray([q.large for q in questions])
+    own_edges = np.quantile(own, np.linspace(0, 1, bins + 1))
     edges = np.quantile(s, np.linspace(0, 1, bins + 1))
     out = []
     for i in range(bins):
@@ -244,12 +252,27 @@ def calibrate(weights: RouterWeights, questions: Sequence[Question], bins: int =
         sel = (s >= lo) & (s <= hi) if i == 0 else (s > lo) & (s <= hi)
         n = int(sel.sum())
         out.append(CalibrationBin(
-            lower=lo if i else -1e9, upper=hi if i < bins - 1 else 1e9, share=n / len(s),
+            lower=float(own_edges[i]) if i else -1e9, upper=float(own_edges[i + 1]) if i < bins - 1 else 1e9,
+            share=n / len(s),
             quality_large=float(large[sel].mean()) if n else 0.0,
             quality_small=float(small[sel].mean()) if n else 0.0,
         ))
     total = sum(b.share for b in out)
     return tuple(b.model_copy(update={"share": b.share / total}) for b in out)
+
+
+def out_of_fold_scores(questions: Sequence[Question], subjects: Sequence[str], lam: float, seed: int,
+                       use_subject: bool = True) -> list[float]:
+    """2-fold cross-fitted scores: each question scored by a model fitted on the other fold."""
+    a, b = split_by_question(questions, seed, test_fraction=0.5)
+    out = [0.0] * len(questions)
+    for fit_idx, score_idx in ((a, b), (b, a)):
+        w = fit([questions[i] for i in fit_idx], subjects, lam, use_subject)
+        for i, sc in zip(score_idx, score_many(w, [questions[i].prompt for i in score_idx],
+                                                [questions[i].subject if use_subject else None for i in score_idx]),
+                         strict=True):
+            out[i] = sc
+    return out
 
 
 LAMBDAS = (1.0, 3.0, 10.0, 30.0)
@@ -284,10 +307,12 @@ def train(folder: Path, seed: int, use_subject: bool = True) -> tuple[RouterWeig
         "test_questions": len(test_q),
         "use_subject": use_subject,
         "ridge_lambda": best,
+        "calibration": "10 equal-count bands; accuracies from 2-fold out-of-fold scores on the training half (seed+2)",
         "validation_apgr": {str(k): round(v, 4) for k, v in val_scores.items()},
         "held_out": {k: round(v, 4) for k, v in held_out.items()},
     }
-    calibration = calibrate(weights, train_q)
+    calibration = calibrate(weights, train_q, out_of_fold=out_of_fold_scores(train_q, subjects, best, seed + 2,
+                                                                             use_subject))
     return weights.model_copy(update={"calibration": calibration, "provenance": provenance}), provenance
 
 
