@@ -27,7 +27,7 @@ from ortools.sat.python import cp_model
 from pydantic import Field
 
 from policies.plan import Explanation, Plan, PolicyName, Reason, SetPowerCap, SolverStatus
-from policies.power_model import clock_for_cap, legal_cap_w, phase_speed
+from policies.power_model import clock_for_cap, legal_cap_w, load_from_power, phase_speed
 from policies.snapshot import AcceleratorSpec, Fraction, Frozen, NonNegFloat, PowerDomain, PriorityClass, Snapshot
 
 Clock = Callable[[], float]
@@ -44,15 +44,19 @@ class PowerConfig(Frozen):
     weight_best_effort: NonNegFloat = 1.0  # cost of losing all of a best-effort GPU's throughput
     weight_standard: NonNegFloat = 10.0
     weight_latency_critical: NonNegFloat = 1000.0
+    queue_aware: bool = True  # weigh a cap's slowdown by how close the GPU runs to saturation
+    max_load: Fraction = 0.9  # loads above this read as this (keeps the queueing factor finite)
+    max_penalty: NonNegFloat = 20.0  # cost of a cap that slows a GPU below its load (its queue grows)
     cap_cost: NonNegFloat = 0.01  # per capped GPU: prefer fewer, deeper caps (fewer commands, fewer GPUs hurt)
     change_cost: NonNegFloat = 0.005  # per changed GPU: against churn between cycles
-    release_hysteresis: Fraction = 0.05  # x budget: raise caps only this far below the target
+    release_hysteresis: Fraction = 0.02  # x budget: raise caps only this far below the target
     min_hold_s: NonNegFloat = 5.0  # a cap stays at least this long before it is raised
-    volatility_k: NonNegFloat = 3.0  # allowance = k x EWMA of the domain's upward swings per cycle
+    volatility_k: NonNegFloat = 2.0  # allowance = k x EWMA of the domain's upward swings per cycle
     volatility_alpha: Fraction = 0.1  # EWMA weight of the newest swing
+    history: int = Field(default=60, ge=1)  # draws kept in state for the status percentiles
     pinned_tolerance: Fraction = 0.03  # a reading within this share of its limit is "pinned at the cap"
     frequency_lock: bool = False  # also send the SM clock that realises the cap (POLCA's lever)
-    time_limit_s: NonNegFloat = 0.2  # CP-SAT wall-time limit per domain
+    time_limit_s: NonNegFloat = 0.1  # CP-SAT wall-time limit per domain (greedy + model build stay within 200 ms)
     polish_gap: NonNegFloat = 0.01  # run CP-SAT only when the greedy's relative gap exceeds this
     use_solver: bool = True
 
@@ -69,6 +73,7 @@ class DomainMemory(Frozen):
     swing_w: NonNegFloat = 0.0  # EWMA of upward changes of domain draw per cycle
     last_now: float | None = None
     over_budget_s: NonNegFloat = 0.0  # accumulated seconds with measured draw above budget
+    recent_draw_w: tuple[NonNegFloat, ...] = ()  # last draws, newest last (for status p50/p99)
 
 
 class PowerState(Frozen):
@@ -211,8 +216,10 @@ def options_for(
     """
     w = _weight(config, g.priority)
 
+    rho = min(load_from_power(g.spec, g.demand_w), config.max_load) if config.queue_aware else 0.0
+
     def cost(cap: float | None) -> float:
-        loss = w * (1.0 - phase_speed(g.demand_w, cap))
+        loss = w * slowdown_cost(phase_speed(g.demand_w, cap), rho, config.max_penalty, config.queue_aware)
         return loss + (config.cap_cost if cap is not None else 0.0) + (
             config.change_cost if cap != g.current_cap_w else 0.0
         )
@@ -236,6 +243,23 @@ def options_for(
     if held and g.current_cap_w is not None:
         caps = [c for c in caps if c is not None and c <= g.current_cap_w]
     return [Option(c, power(c), cost(c)) for c in caps]
+
+
+def slowdown_cost(speed: float, load: float, max_penalty: float, queue_aware: bool) -> float:
+    """Cost of running at ``speed`` (1 = uncapped) with ``load`` (0..1 of the GPU's capacity).
+
+    Without queueing: the lost throughput, ``1 - speed``. With queueing (the default): the
+    inflation of mean response time of a single queue, ``(1 - load) / (speed - load) - 1`` — the
+    same slowdown hurts a busy GPU far more than a light one — capped at ``max_penalty`` when the
+    capped GPU would fall behind its load.
+    """
+    if speed >= 1.0:
+        return 0.0
+    if not queue_aware:
+        return 1.0 - speed
+    if speed <= load:
+        return max_penalty
+    return min(max_penalty, (1.0 - load) / (speed - load) - 1.0)
 
 
 # -- model / solve -----------------------------------------------------------------------------
@@ -402,7 +426,9 @@ def _domain_memory(
     over = old.over_budget_s
     if draw > domain.budget_w and old.last_now is not None:
         over += max(0.0, snapshot.now - old.last_now)
-    return DomainMemory(last_draw_w=draw, swing_w=swing, last_now=snapshot.now, over_budget_s=over)
+    recent = (*old.recent_draw_w, draw)[-config.history:]
+    return DomainMemory(last_draw_w=draw, swing_w=swing, last_now=snapshot.now, over_budget_s=over,
+                        recent_draw_w=recent)
 
 
 def _next_state(snapshot: Snapshot, state: PowerState, results: list[DomainResult]) -> PowerState:
@@ -444,12 +470,22 @@ def domain_metrics(r: DomainResult) -> dict[str, float]:
         "predicted_w": round(r.predicted_w, 1),
         "target_w": round(r.target_w, 1),
         "headroom_w": round(r.domain.budget_w - r.measured_w, 1),
+        "draw_p50_w": round(_percentile(r.memory.recent_draw_w, 0.50), 1),
+        "draw_p99_w": round(_percentile(r.memory.recent_draw_w, 0.99), 1),
         "caps_applied": float(len(capped)),
         "caps_best_effort": float(sum(1 for g, _ in capped if g.priority is PriorityClass.BEST_EFFORT)),
         "caps_latency_critical": float(sum(1 for g, _ in capped if g.priority is PriorityClass.LATENCY_CRITICAL)),
         "over_budget_s": round(r.memory.over_budget_s, 3),
         "swing_w": round(r.memory.swing_w, 1),
     }
+
+
+def _percentile(values: tuple[float, ...], q: float) -> float:
+    """Nearest-rank percentile (0 for no values); enough for a status line."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def _explain(results: list[DomainResult], actions: list[SetPowerCap], solve_ms: float) -> Explanation:

@@ -102,6 +102,21 @@ def gpu_power_w(
     return p * prompt + (1 - p) * token
 
 
+def load_from_power(spec: AcceleratorSpec, power_w: float) -> float:
+    """Decode load (0..1) that would draw ``power_w`` in the token phase: the curve's inverse.
+
+    Draw at or above the saturated token-phase level reads as a fully loaded GPU; draw at idle
+    reads as 0. Lets a policy tell a busy GPU (where a cap builds a queue) from a light one.
+    """
+    idle = spec.idle_fraction * spec.tdp_w
+    span = TOKEN_PEAK_POWER_FRACTION * spec.tdp_w - idle
+    if span <= 0 or power_w >= idle + span:
+        return 1.0
+    if power_w <= idle:
+        return 0.0
+    return float(((power_w - idle) / span) ** (1 / TOKEN_UTILISATION_EXPONENT))
+
+
 def phase_speed(demand_w: float, cap_w: float | None) -> float:
     """Relative speed of a phase that wants ``demand_w`` under ``cap_w`` (1.0 when it fits)."""
     if cap_w is None or demand_w <= cap_w or demand_w <= 0:

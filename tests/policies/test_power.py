@@ -16,6 +16,7 @@ from policies.power import (
     PowerState,
     cap_levels,
     plan_power,
+    slowdown_cost,
     solve_greedy,
 )
 from policies.snapshot import (
@@ -237,3 +238,28 @@ def test_cheaper_classes_absorb_caps_first(priority: PriorityClass) -> None:
     prios = [priority, priority, LC, LC]
     plan = plan_power(make_snapshot(draws, prios, budget_w=2500.0), PowerConfig(), PowerState())
     assert {a.node for a in plan.actions} <= {"n0", "n1"}
+
+
+def test_queue_aware_cost_prefers_capping_light_gpus() -> None:
+    # The same slowdown costs a busy GPU (its queue grows) far more than a light one.
+    assert slowdown_cost(0.9, 0.8, 20.0, True) > slowdown_cost(0.9, 0.1, 20.0, True) > 0
+    assert slowdown_cost(0.7, 0.8, 20.0, True) == 20.0
+    assert slowdown_cost(0.9, 0.5, 20.0, False) == pytest.approx(0.1)
+    assert slowdown_cost(1.0, 0.9, 20.0, True) == 0.0
+
+
+def test_status_percentiles_come_from_the_remembered_draws() -> None:
+    state = PowerState()
+    for k, d in enumerate([400.0, 500.0, 600.0]):
+        plan = plan_power(make_snapshot([d] * 2, budget_w=4000.0, now=float(k)), PowerConfig(), state)
+        state = PowerState.model_validate(plan.state)
+    assert plan.explanation.metrics["row.draw_p50_w"] == 1000.0
+    assert plan.explanation.metrics["row.draw_p99_w"] == 1200.0
+    assert state.domains["row"].recent_draw_w == (800.0, 1000.0, 1200.0)
+
+
+def test_light_gpu_is_capped_before_a_saturated_one() -> None:
+    plan = plan_power(make_snapshot([450.0, 690.0], budget_w=1130.0), PowerConfig(), PowerState())
+    assert set(caps_of(plan)) == {"n0"}
+    blind = plan_power(make_snapshot([450.0, 690.0], budget_w=1130.0), PowerConfig(queue_aware=False), PowerState())
+    assert "n1" in caps_of(blind)  # throughput-only costs pick the busy GPU (fewest watts lost per unit speed)

@@ -16,6 +16,7 @@ from policies.power_model import (
     clock_for_cap,
     gpu_power_w,
     legal_cap_w,
+    load_from_power,
     max_clock_mhz,
     phase_speed,
     throughput_fraction,
@@ -104,3 +105,13 @@ def test_calibration_reproduces_splitwise_power_capped_h100(data_dir: Path) -> N
     # A lightly loaded token phase draws ~0.6 TDP: a 70% cap leaves it untouched.
     light = gpu_power_w(H100, 0.0, 0.069)
     assert phase_speed(light, 0.7 * H100.tdp_w) == pytest.approx(token_ratio, rel=0.02)
+
+
+@given(u=st.floats(min_value=0.001, max_value=1.0))
+def test_load_from_power_inverts_the_token_curve(u: float) -> None:
+    assert load_from_power(H100, gpu_power_w(H100, 0.0, u)) == pytest.approx(u, rel=1e-6, abs=1e-9)
+
+
+def test_load_from_power_saturates_at_the_ends() -> None:
+    assert load_from_power(H100, 0.0) == 0.0
+    assert load_from_power(H100, H100.tdp_w) == 1.0
