@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 
 from ortools.sat.python import cp_model
 
@@ -77,7 +78,8 @@ def plan_reschedule(
                                     pending_weight=config.pending_weight)
     budget = budget_of(snapshot, config.mnl)
     before = packing.copy()
-    deadline = clock() + config.time_limit_s if clock is not None else None
+    # 10% of the budget is kept for scoring and ordering the moves after the search
+    deadline = clock() + 0.9 * config.time_limit_s if clock is not None else None
 
     def out_of_time() -> bool:
         return deadline is not None and clock is not None and clock() >= deadline
@@ -91,7 +93,7 @@ def plan_reschedule(
         packing = improve_flow(before, packing, budget, config, search, time_left())
     proven = search.flow_bound is not None and packing.fragment() <= search.flow_bound + 1e-9
     if config.use_lns and config.mnl > 0 and not proven:
-        packing = improve_lns(packing, budget, config, search, out_of_time)
+        packing = improve_lns(packing, budget, config, search, out_of_time, time_left)
     return to_plan(before, packing, config, state, search)
 
 
@@ -268,7 +270,8 @@ class _Rng:
 
 
 def improve_lns(
-    packing: Packing, budget: MoveBudget, config: RescheduleConfig, search: Search, out_of_time: Callable[[], bool]
+    packing: Packing, budget: MoveBudget, config: RescheduleConfig, search: Search, out_of_time: Callable[[], bool],
+    time_left: Callable[[], float] | None = None,
 ) -> Packing:
     """Re-pack small groups of bins with CP-SAT while time lasts; keep only exact improvements."""
     rng = _Rng(config.seed)
@@ -285,8 +288,9 @@ def improve_lns(
         if sub is None:
             continue
         left = max(solver_budget - search.solver_s, 0.01)
+        wall_cap = time_left() if time_left is not None else 3 * config.sub_time_limit_s
         status, wall, assignment = solve(sub, min(config.sub_time_limit_s, left), config.workers,
-                                         seed=rng.below(1 << 30))
+                                         seed=rng.below(1 << 30), wall_cap_s=max(wall_cap, 0.01))
         search.solver_s += wall
         statuses[status.value] = statuses.get(status.value, 0) + 1
         if assignment is None:
@@ -354,6 +358,7 @@ def build_model(packing: Packing, bins: list[int], budget: MoveBudget) -> SubMod
         fixed_mem[b] += it.memory_mib
         for g in packing.gpu_of[i]:
             fixed_gpu[b][g] += it.gpu_milli
+    groups = {b: _canonicalise(packing, b, fixed_gpu[b]) for b in bins}
 
     # x[i, b] = 1 if item i ends on bin b
     x: dict[tuple[int, int], cp_model.IntVar] = {}
@@ -392,6 +397,11 @@ def build_model(packing: Packing, bins: list[int], budget: MoveBudget) -> SubMod
             gpu_free[b, g] = fixed_gpu[b][g] - _weighted([dev[i, b, g] for i in on],
                                                          [packing.items[i].gpu_milli for i in on])
             m.add(gpu_free[b, g] >= 0)
+    # symmetry: devices with the same fixed load are interchangeable, so keep their free shares sorted
+    for b in bins:
+        for same in groups[b]:
+            for g, h in pairwise(same):
+                m.add(gpu_free[b, g] <= gpu_free[b, h])
 
     # migrations, counted against the snapshot's placement
     moved_terms: list[cp_model.LinearExpr] = []
@@ -488,19 +498,43 @@ def _fragment_terms(
     return terms
 
 
+def _canonicalise(packing: Packing, b: int, fixed: list[int]) -> list[list[int]]:
+    """Relabel bin ``b``'s devices so that devices with equal fixed load come in order of current free share.
+
+    Device labels are internal (the plan names nodes, not devices) and fragmentation depends only on
+    the multiset of free shares, so a consistent renaming of a bin's devices changes nothing real; it
+    lets the model break device symmetry while the current placement (the hint) stays feasible.
+    Returns the groups of interchangeable devices.
+    """
+    order = sorted(range(len(fixed)), key=lambda g: (fixed[g], packing.gpu_free[b][g], g))
+    new_of = {old: new for new, old in enumerate(order)}
+    packing.gpu_free[b] = [packing.gpu_free[b][old] for old in order]
+    fixed[:] = [fixed[old] for old in order]
+    for i, at in enumerate(packing.assign):
+        if at == b and packing.gpu_of[i]:
+            packing.gpu_of[i] = tuple(sorted(new_of[g] for g in packing.gpu_of[i]))
+    groups: list[list[int]] = []
+    for g in range(len(fixed)):
+        if g and fixed[g] == fixed[g - 1]:
+            groups[-1].append(g)
+        else:
+            groups.append([g])
+    return [grp for grp in groups if len(grp) > 1]
+
+
 def _weighted(variables: list[cp_model.IntVar], coefficients: list[int]) -> cp_model.LinearExpr:
     return cp_model.LinearExpr.weighted_sum(variables, coefficients)
 
 
 def solve(
-    sub: SubModel, time_limit_s: float, workers: int, *, seed: int = 0
+    sub: SubModel, time_limit_s: float, workers: int, *, seed: int = 0, wall_cap_s: float | None = None
 ) -> tuple[SolverStatus, float, dict[int, tuple[int, tuple[int, ...]]] | None]:
     """Solve a neighbourhood; returns (status, wall seconds, item -> (bin, devices)) or no assignment."""
     solver = cp_model.CpSolver()
     # Deterministic time makes a neighbourhood's answer reproducible (same snapshot, same plan); the
     # wall-clock limit only guards against a loaded machine.
     solver.parameters.max_deterministic_time = time_limit_s
-    solver.parameters.max_time_in_seconds = 3 * time_limit_s
+    solver.parameters.max_time_in_seconds = min(3 * time_limit_s, wall_cap_s or 3 * time_limit_s)
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed
     code = solver.solve(sub.model)
