@@ -6,11 +6,14 @@ top-2). Expert popularity follows a Zipf, lognormal or power-law skew, capped at
 picks k distinct experts, so no expert sees more than 1/k of the assignments), and a batch of
 tokens is sampled from it; drift multiplies popularity by lognormal noise between steps.
 
-Every method starts from the same EPLB placement of step 0 and then threads its own placement
-through the steps. Each plan is scored on the load it was made from (``balancedness_*``) and on the
+Every method starts from the same placement (EPLB's global policy on step 0's load) and then
+threads its own placement through the steps; scale and failure cases start from that placement too.
+Each plan is scored on the load it was made from (``balancedness_*``) and on the
 next step's load (``balancedness_next_mean``). Methods: ``wattplane`` (policies.moe_core.rebalance),
-``eplb`` (rebalance_experts as DeepSeek calls it: hierarchical when groups % nodes == 0) and
-``eplb_relabel`` (EPLB's output with devices optimally relabelled per layer to keep experts in place).
+``eplb`` (rebalance_experts, global policy: ours is flat too), ``eplb_relabel`` (EPLB's output with
+devices optimally relabelled per layer to keep experts in place) and, where EPLB would choose it,
+``eplb_hierarchical`` (as DeepSeek calls it: groups packed to nodes of 8 GPUs). ``solve_s`` is wall
+time, ``solve_cpu_s`` this process's CPU time (the 2 cores are shared, so wall time is noisy).
 Copies are counted per device as experts it must receive (slot order inside a device is free).
 """
 
@@ -55,7 +58,8 @@ MIXTRAL = Shape("mixtral-8x7b", 32, 8, 2, 1, 3 * 4096 * 14336 * 2)  # BF16
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drift", type=float, default=0.15, help="lognormal sigma of popularity drift per step")
-    parser.add_argument("--tokens", type=int, default=16384, help="tokens per load sample")
+    parser.add_argument("--tokens", type=int, default=131072, help="tokens per load sample (a statistics window)")
+    parser.add_argument("--polish-s", type=float, default=0.0, help="CP-SAT polish budget per plan for ours (s)")
     parser.add_argument("--steps", type=int, default=None, help="drift steps (default 3, 2 with --quick)")
 
 
@@ -99,9 +103,11 @@ def drift(rng: np.random.Generator, pop: np.ndarray, sigma: float) -> np.ndarray
 
 
 # -- methods ------------------------------------------------------------------------------------
-def eplb_slots(loads: np.ndarray, shape: Shape, devices: int, per: int) -> np.ndarray:
-    nodes = max(1, devices // shape.gpus_per_node)
-    phy2log, _, _ = rebalance_experts(loads, devices * per, shape.groups, nodes, devices)
+def eplb_slots(loads: np.ndarray, shape: Shape, devices: int, per: int, hierarchical: bool = False) -> np.ndarray:
+    """EPLB's placement: global policy, or as DeepSeek calls it (hierarchical when groups % nodes == 0)."""
+    nodes = max(1, devices // shape.gpus_per_node) if hierarchical else 1
+    groups = shape.groups if hierarchical else 1
+    phy2log, _, _ = rebalance_experts(loads, devices * per, groups, nodes, devices)
     return phy2log.reshape(loads.shape[0], devices, per)
 
 
@@ -129,23 +135,27 @@ def score(
     }
 
 
-METHODS = ("wattplane", "eplb", "eplb_relabel")
+def methods_for(shape: Shape, devices: int) -> tuple[str, ...]:
+    """``eplb_hierarchical`` only where EPLB would pick it (groups split evenly over nodes)."""
+    nodes = max(1, devices // shape.gpus_per_node)
+    hier = shape.groups > 1 and shape.groups % nodes == 0 and devices % nodes == 0
+    return ("wattplane", "eplb", "eplb_relabel", *(("eplb_hierarchical",) if hier else ()))
 
 
 def plan_with(
     method: str, loads: np.ndarray, current: np.ndarray, origin: list[int | None], shape: Shape,
-    devices: int, per: int,
-) -> tuple[np.ndarray, float, float]:
-    """One method's placement from ``current``; returns ``(slots [L, G, S], seconds, fallback layers)``."""
-    t0 = time.perf_counter()
+    devices: int, per: int, polish_s: float = 0.0,
+) -> tuple[np.ndarray, float, float, float]:
+    """One method's placement from ``current``: ``(slots [L, G, S], wall s, cpu s, fallback layers)``."""
+    t0, c0 = time.perf_counter(), time.process_time()
     if method == "wattplane":
-        res = rebalance(loads, current, device_origin=origin, slots_per_device=per)
-        return res.slots, time.perf_counter() - t0, float(len(res.fallback_layers))
-    e = eplb_slots(loads, shape, devices, per)
+        res = rebalance(loads, current, device_origin=origin, slots_per_device=per, polish_s=polish_s)
+        return res.slots, time.perf_counter() - t0, time.process_time() - c0, float(len(res.fallback_layers))
+    e = eplb_slots(loads, shape, devices, per, hierarchical=method == "eplb_hierarchical")
     if method == "eplb_relabel":
         carried = carry_over(current, origin, per)
         e = np.stack([relabel_devices(carried[i], e[i], shape.experts) for i in range(loads.shape[0])])
-    return e, time.perf_counter() - t0, 0.0
+    return e, time.perf_counter() - t0, time.process_time() - c0, 0.0
 
 
 def _mean_metrics(rows: list[Metrics]) -> Metrics:
@@ -153,6 +163,7 @@ def _mean_metrics(rows: list[Metrics]) -> Metrics:
     agg = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     agg["balancedness_worst"] = float(min(r["balancedness_worst"] for r in rows))
     agg["solve_s"] = float(max(r["solve_s"] for r in rows))  # worst step
+    agg["solve_cpu_s"] = float(max(r["solve_cpu_s"] for r in rows))
     agg["max_copies_into_device"] = float(max(r["max_copies_into_device"] for r in rows))
     return agg
 
@@ -164,18 +175,20 @@ def drift_case(
     pop = popularity(rng, shape.layers, shape.experts, skew)
     loads = sample_loads(rng, pop, shape.top_k, args.tokens)
     start = eplb_slots(loads, shape, devices, per)
-    current = {m: start for m in METHODS}
+    methods = methods_for(shape, devices)
+    current = {m: start for m in methods}
     origin: list[int | None] = list(range(devices))
     rows: dict[str, list[Metrics]] = {m: [] for m in current}
     for _ in range(steps):
         pop = drift(rng, pop, args.drift)
         loads = sample_loads(rng, pop, shape.top_k, args.tokens)
         next_loads = sample_loads(rng, drift(rng, pop, args.drift), shape.top_k, args.tokens)
-        for method in METHODS:
+        for method in methods:
             carried = carry_over(current[method], origin, per)
-            slots, secs, fb = plan_with(method, loads, current[method], origin, shape, devices, per)
+            slots, secs, cpu, fb = plan_with(method, loads, current[method], origin, shape, devices, per, args.polish_s)
             rows[method].append(score(method, loads, next_loads, carried, slots, shape, secs))
             rows[method][-1]["fallback_layers"] = fb
+            rows[method][-1]["solve_cpu_s"] = cpu
             current[method] = slots
     params: dict[str, Any] = {
         "model": shape.name, "layers": shape.layers, "experts": shape.experts, "devices": devices,
@@ -203,10 +216,11 @@ def event_case(
     carried = carry_over(start, origin, new_per)
     lb = float(copy_lower_bound(carried, shape.experts).sum())
     metrics: dict[str, Metrics] = {}
-    for method in METHODS:
-        slots, secs, fb = plan_with(method, loads, start, origin, shape, new_devices, new_per)
+    for method in methods_for(shape, new_devices):
+        slots, secs, cpu, fb = plan_with(method, loads, start, origin, shape, new_devices, new_per, args.polish_s)
         metrics[method] = score(method, loads, next_loads, carried, slots, shape, secs)
         metrics[method]["fallback_layers"] = fb
+        metrics[method]["solve_cpu_s"] = cpu
         metrics[method]["copies_lower_bound"] = lb
     kind = "fail" if failed else "scale"
     name = f"{shape.name}-{devices}gpu-{kind}-{new_devices}" if not failed else f"{shape.name}-{devices}gpu-fail"

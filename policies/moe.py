@@ -61,6 +61,7 @@ class MoEConfig(Frozen):
     hierarchical: bool = False  # keep each expert group on one node (gpus_per_node devices)
     gpus_per_node: PosInt = 8
     light_devices: PosInt = 8  # candidate receiving devices per improvement move
+    polish_s: NonNegFloat = 0.0  # CP-SAT wall-time budget per plan to cut copies (0 = heuristic only)
 
 
 class MoEState(Frozen):
@@ -186,6 +187,7 @@ def _plan_deployment(
     res = rebalance(
         w, cur, device_origin=origin, slots_per_device=per, slack=config.slack,
         restore_cap=config.spare_slots, light_devices=config.light_devices, hierarchy=hierarchy,
+        polish_s=config.polish_s,
     )
     solve_s = 0.0
     if reason is Reason.LOAD_DRIFT:

@@ -28,6 +28,7 @@ import numpy.typing as npt
 from ortools.graph.python import linear_sum_assignment
 
 from policies.baselines.eplb import rebalance_experts
+from policies.moe_polish import polish_layer, sets_to_slots
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -145,6 +146,7 @@ class RebalanceResult:
     reference: FloatArray  # [L] balancedness of the from-scratch reference
     fallback_layers: IntArray  # layers where the reference (relabelled) was used instead of ours
     steps: int  # improvement rounds run
+    polished_layers: int = 0  # layers where the CP-SAT polish found fewer copies
 
 
 def _state(slots: IntArray, experts: int) -> tuple[BoolArray, IntArray]:
@@ -211,7 +213,7 @@ def _repair_layer(
             ok = ~m[g]
         if not ok.any():
             raise ValueError(f"device {g} already holds every expert; too many slots for {experts} experts")
-        score = np.where(ok, (newd * newd).sum(-1), np.inf)
+        score = np.where(ok, _score(newd), np.inf)
         slots[g, int(np.flatnonzero(slots[g] < 0)[0])] = int(np.argmin(score))
 
 
@@ -230,42 +232,41 @@ def _improve_step(
     s0 = _score(d)
     gstar = np.argmax(d, -1)
     k_light = min(light, devices - 1)
-    # candidate devices to receive a replica: the lightest ones that hold a redundant replica
-    redundant = (cnt[li[:, None, None], sl] >= 2).any(-1)  # [L, G]
-    rank_r = np.where(redundant, d, d + 2 * d.max(-1, keepdims=True) + 1.0)
-    rank_r[li, gstar] = np.inf
-    h = np.argsort(rank_r, -1, kind="stable")[:, :k_light]  # [L, K]
     a = sl[li, gstar]  # [L, Sa] experts on the hottest device
-    v = sl[li[:, None], h]  # [L, K, Sv]
     pa, ca = p[li[:, None], a], cnt[li[:, None], a]
-    pv, cv = p[li[:, None, None], v], cnt[li[:, None, None], v]
-    wa, wv = wl[li[:, None], a], wl[li[:, None, None], v]
-    pa_new = wa / (ca + 1)
-    pv_new = np.where(cv >= 2, wv / np.maximum(cv - 1, 1), 0.0)
-    ma = m[li[:, None], :, a]  # [L, Sa, G]
-    mv = m[li[:, None, None], :, v]  # [L, K, Sv, G]
-    da = pa_new - pa
-    dv = np.where(cv >= 2, pv_new - pv, 0.0)
-    onehot_h = np.zeros((num_layers, k_light, devices))
-    onehot_h[li[:, None], np.arange(k_light)[None, :], h] = 1.0
-    # replicate: a (on g*) gets a new replica on h in place of v (cnt[v] >= 2); one copy
-    swap_in = np.where((cv >= 2)[:, None], pa_new[:, :, None, None] - pv_new[:, None], 0.0)  # h: +a' -v'
-    newd = (
-        d[:, None, None, None, :]
-        + ma[:, :, None, None, :] * da[:, :, None, None, None]
-        + mv[:, None, :, :, :] * dv[:, None, :, :, None]
-        + onehot_h[:, None, :, None, :] * swap_in[..., None]
-    )  # [L, Sa, K, Sv, G]
-    a_on_h = m[li[:, None, None], h[:, None, :], a[:, :, None]]  # [L, Sa, K]
-    ok_r = (
-        (~a_on_h)[..., None]
-        & (cv >= 2)[:, None]
-        & allowed[layers[:, None, None], a[:, :, None], h[:, None, :]][..., None]
+    pa_new = wl[li[:, None], a] / (ca + 1)
+    da = pa_new - pa  # change of a's per-replica load when it gains a replica (<= 0)
+    ma = m[li[:, None], :, a]  # [L, Sa, G] devices holding a
+    # replicate: a gets a new replica on device hr in place of a redundant replica vr there; one copy.
+    # Candidates (hr, vr): the `4 * light` redundant replicas on the lightest devices.
+    n_red = min(4 * light, devices * per)
+    flat_ok = (cnt[li[:, None], sl.reshape(num_layers, -1)] >= 2) & (
+        np.repeat(np.arange(devices), per)[None, :] != gstar[:, None]
     )
+    key = np.where(flat_ok, np.repeat(d, per, axis=1), np.inf)
+    pick = np.argsort(key, -1, kind="stable")[:, :n_red]  # [L, R] flat slot indices
+    pick_ok = np.take_along_axis(flat_ok, pick, -1)  # [L, R]
+    hr = pick // per  # [L, R]
+    vr = np.take_along_axis(sl.reshape(num_layers, -1), pick, -1)  # [L, R]
+    cv = cnt[li[:, None], vr]
+    pv = p[li[:, None], vr]
+    pv_new = np.where(cv >= 2, wl[li[:, None], vr] / np.maximum(cv - 1, 1), 0.0)
+    dv = np.where(cv >= 2, pv_new - pv, 0.0)  # change of v's per-replica load (>= 0)
+    mv = m[li[:, None], :, vr]  # [L, R, G] devices holding v
+    onehot = np.zeros((num_layers, n_red, devices))
+    onehot[li[:, None], np.arange(n_red)[None, :], hr] = 1.0
+    swap_in = pa_new[:, :, None] - pv_new[:, None, :]  # [L, Sa, R] on hr: D + dv + swap_in = D - pv + pa_new
+    newd = (
+        d[:, None, None, :]
+        + ma[:, :, None, :] * da[:, :, None, None]
+        + mv[:, None, :, :] * dv[:, None, :, None]
+        + onehot[:, None, :, :] * swap_in[..., None]
+    )  # [L, Sa, R, G]
+    a_on_h = m[li[:, None, None], hr[:, None, :], a[:, :, None]]  # [L, Sa, R]
+    ok_r = (~a_on_h) & pick_ok[:, None, :] & allowed[layers[:, None, None], a[:, :, None], hr[:, None, :]]
     score_r = np.where(ok_r, _score(newd), np.inf).reshape(num_layers, -1)
     best_r = np.argmin(score_r, -1)
     gain_r = s0 - score_r[li, best_r]
-    h_r = h
     # swap: a (on g*) and b (on h, one of the lightest devices overall) trade places; two copies
     light_all = np.argsort(np.where(np.arange(devices)[None, :] == gstar[:, None], np.inf, d), -1, kind="stable")
     h = light_all[:, :k_light]
@@ -302,8 +303,8 @@ def _improve_step(
     moved = use_r | use_x
     spent = np.zeros(num_layers, dtype=np.int64)
     for i in np.flatnonzero(use_r):
-        sa, k, sv = np.unravel_index(int(best_r[i]), (per, k_light, per))
-        slots[layers[i], h_r[i, k], sv] = a[i, sa]
+        sa, r = np.unravel_index(int(best_r[i]), (per, n_red))
+        slots[layers[i], hr[i, r], pick[i, r] % per] = a[i, sa]
         spent[i] = 1
     for i in np.flatnonzero(use_x):
         sa, k, sb = np.unravel_index(int(best_x[i]), (per, k_light, per))
@@ -384,12 +385,14 @@ def rebalance(
     light_devices: int = 8,
     hierarchy: tuple[int, int] | None = None,
     revert: bool = True,
+    polish_s: float = 0.0,
 ) -> RebalanceResult:
     """Re-place experts of every layer starting from ``current`` (``[L, G, S]``, -1 = empty slot).
 
     ``device_origin`` maps each device of the new group to its old index (None = fresh; default:
     the same devices). ``hierarchy=(groups, gpus_per_node)`` keeps each expert group on one node.
     The target per layer is the from-scratch reference's balancedness minus ``slack``.
+    ``polish_s`` > 0 spends up to that much CP-SAT wall time (split over layers) cutting copies.
     """
     w = np.asarray(loads, dtype=np.float64)
     cur = np.asarray(current, dtype=np.int64)
@@ -432,6 +435,19 @@ def rebalance(
             if balancedness(w[layer][None], slots[layer][None])[0] >= target[layer]:
                 _revert_layer(w[layer], slots[layer], carried[layer], float(target[layer]))
 
+    polished = 0
+    if polish_s > 0:
+        for layer in range(num_layers):
+            b_now = balancedness(w[layer][None], slots[layer][None])[0]
+            d = device_loads(w[layer][None], slots[layer][None])[0]
+            load_cap = max(float(d.max()), float(d.mean()) / max(float(target[layer]), 1e-9))
+            pr = polish_layer(w[layer], carried[layer], slots[layer], allowed[layer], load_cap, polish_s / num_layers)
+            if pr.sets is None:
+                continue
+            cand = sets_to_slots(carried[layer], pr.sets)
+            if balancedness(w[layer][None], cand[None])[0] >= min(b_now, float(target[layer])):
+                slots[layer] = cand
+                polished += 1
     # a layer the search could not bring to its target takes the reference (relabelled to keep most
     # experts in place, duplicates repaired) when that balances better
     fallback = np.flatnonzero(balancedness(w, slots) < target)
@@ -445,7 +461,8 @@ def rebalance(
             used.append(int(fl))
     fallback = np.asarray(used, dtype=np.int64)
     return RebalanceResult(
-        slots=slots, carried=carried, target=target, reference=reference, fallback_layers=fallback, steps=steps
+        slots=slots, carried=carried, target=target, reference=reference, fallback_layers=fallback, steps=steps,
+        polished_layers=polished,
     )
 
 

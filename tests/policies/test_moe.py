@@ -280,3 +280,16 @@ def test_initial_placement_without_current() -> None:
     assert action.version == 0 and action.devices == DEVICES
     new = np.array(action.phy2log).reshape(LAYERS, DEVICES, SLOTS)
     assert set(new.ravel().tolist()) == set(range(EXPERTS))
+
+
+def test_polish_never_worse_and_valid() -> None:
+    w0 = loads(17)
+    start = rebalance(w0, eplb_reference(w0, DEVICES, SLOTS)).slots
+    origin: list[int | None] = [*range(DEVICES), None]
+    plain = rebalance(w0, start, device_origin=origin)
+    polished = rebalance(w0, start, device_origin=origin, polish_s=2.0)
+    assert_valid(polished.slots, EXPERTS)
+    c_plain = copies_per_device(plain.carried, plain.slots, EXPERTS).sum()
+    c_pol = copies_per_device(polished.carried, polished.slots, EXPERTS).sum()
+    assert c_pol <= c_plain
+    assert (balancedness(w0, polished.slots) >= np.minimum(balancedness(w0, plain.slots), plain.target) - 1e-12).all()
