@@ -161,10 +161,42 @@ def _score(d: FloatArray) -> FloatArray:
     return out
 
 
+def _free_for_counts(w: FloatArray, slots: IntArray, target_max: float) -> IntArray | None:
+    """Free surplus replicas so every expert can get the replicas its load needs; in place.
+
+    An expert whose per-replica load exceeds ``target_max`` keeps every device holding it above
+    the target whatever the placement, and one-copy moves cannot fix that when all redundant
+    replicas belong to other hot experts (few slots per device, e.g. EP144 x 2). Returns the
+    replica count each expert needs (for the fill), or None when nothing had to change.
+    """
+    devices, per = slots.shape
+    experts = w.shape[0]
+    need = np.minimum(np.maximum(1, np.ceil(w / max(target_max, 1e-300) - 1e-9)), devices).astype(np.int64)
+    if int(need.sum()) > devices * per:
+        return None
+    m = incidence(slots[None], experts)[0]
+    cnt = m.sum(0)
+    deficit = int(np.maximum(need - cnt, 0).sum())
+    if deficit == 0:
+        return None
+    d = (m * per_replica_load(w, cnt)).sum(-1)
+    for _ in range(deficit - int((slots < 0).sum())):
+        surplus = np.flatnonzero((cnt > need) & (cnt >= 2))
+        if surplus.size == 0:
+            break
+        e = int(surplus[np.argmin(w[surplus] / (cnt[surplus] - 1))])
+        holders = np.flatnonzero((slots == e).any(-1))
+        g = int(holders[np.argmax(d[holders])])
+        slots[g, int(np.flatnonzero(slots[g] == e)[0])] = EMPTY
+        cnt[e] -= 1
+        d = (incidence(slots[None], experts)[0] * per_replica_load(w, cnt)).sum(-1)
+    return need
+
+
 def _repair_layer(
-    w: FloatArray, slots: IntArray, allowed: BoolArray, restore_cap: int
+    w: FloatArray, slots: IntArray, allowed: BoolArray, restore_cap: int, need: IntArray | None = None
 ) -> None:
-    """Restore lost experts, then fill empty slots; in place on one layer's ``[G, S]`` slots."""
+    """Restore lost experts, then fill empty slots (experts short of ``need`` first); in place."""
     devices, _ = slots.shape
     experts = w.shape[0]
     restored_by_replacement = np.zeros(devices, dtype=np.int64)
@@ -209,6 +241,8 @@ def _repair_layer(
         newd = d[None, :] + m.T * da[:, None]  # [E, G]
         newd[:, g] += pa_new
         ok = (~m[g]) & allowed[:, g]
+        if need is not None and (ok & (cnt < need)).any():
+            ok = ok & (cnt < need)
         if not ok.any():
             ok = ~m[g]
         if not ok.any():
@@ -231,7 +265,6 @@ def _improve_step(
     d = np.einsum("lge,le->lg", m, p)
     s0 = _score(d)
     gstar = np.argmax(d, -1)
-    k_light = min(light, devices - 1)
     a = sl[li, gstar]  # [L, Sa] experts on the hottest device
     pa, ca = p[li[:, None], a], cnt[li[:, None], a]
     pa_new = wl[li[:, None], a] / (ca + 1)
@@ -267,14 +300,15 @@ def _improve_step(
     score_r = np.where(ok_r, _score(newd), np.inf).reshape(num_layers, -1)
     best_r = np.argmin(score_r, -1)
     gain_r = s0 - score_r[li, best_r]
-    # swap: a (on g*) and b (on h, one of the lightest devices overall) trade places; two copies
+    # swap: a (on g*) and b (on any other device h) trade places; two copies
     light_all = np.argsort(np.where(np.arange(devices)[None, :] == gstar[:, None], np.inf, d), -1, kind="stable")
-    h = light_all[:, :k_light]
+    k_swap = devices - 1  # a swap is scored without a per-device sweep, so every partner is affordable
+    h = light_all[:, :k_swap]
     v = sl[li[:, None], h]
     pv = p[li[:, None, None], v]
     a_on_h = m[li[:, None, None], h[:, None, :], a[:, :, None]]
     top3 = np.argsort(-d, -1, kind="stable")[:, :3]
-    other = np.full((num_layers, k_light), -np.inf)
+    other = np.full((num_layers, k_swap), -np.inf)
     for j in range(min(3, devices)):
         cand = top3[:, j][:, None]
         use = (cand != gstar[:, None]) & (cand != h) & np.isneginf(other)
@@ -307,7 +341,7 @@ def _improve_step(
         slots[layers[i], hr[i, r], pick[i, r] % per] = a[i, sa]
         spent[i] = 1
     for i in np.flatnonzero(use_x):
-        sa, k, sb = np.unravel_index(int(best_x[i]), (per, k_light, per))
+        sa, k, sb = np.unravel_index(int(best_x[i]), (per, k_swap, per))
         b = v[i, k, sb]
         slots[layers[i], h[i, k], sb] = a[i, sa]
         slots[layers[i], gstar[i], sa] = b
@@ -339,6 +373,46 @@ def _revert_layer(w: FloatArray, slots: IntArray, carried: IntArray, target: flo
                     break
             if improved:
                 break
+
+
+def sticky_pack(
+    w: FloatArray, counts: IntArray, carried: IntArray, allowed: BoolArray, load_cap: float
+) -> IntArray | None:
+    """EPLB-style packing (heaviest replica first, into the lightest device with room) that keeps a
+    replica on a device that already holds its expert whenever that stays under ``load_cap``.
+
+    Used where local moves stall (few slots per device: balance then needs chains of swaps). Returns
+    ``[G, S]`` slots, or None when the packing would have to put an expert twice on a device.
+    """
+    devices, per = carried.shape
+    held = incidence(carried[None], w.shape[0])[0]  # [G, E]
+    counts = np.minimum(np.maximum(counts, 1), devices).astype(np.int64)
+    while int(counts.sum()) < devices * per:  # fill every slot: replicate the heaviest per-replica load
+        e = int(np.argmax(np.where(counts < devices, w / counts, -np.inf)))
+        counts[e] += 1
+    if int(counts.sum()) > devices * per:
+        return None
+    p = per_replica_load(w, counts)
+    items = [(float(p[e]), int(e)) for e in range(w.shape[0]) for _ in range(int(counts[e]))]
+    items.sort(key=lambda t: (-t[0], t[1]))
+    load = np.zeros(devices)
+    fill = np.zeros(devices, dtype=np.int64)
+    has = np.zeros(held.shape, dtype=bool)
+    sets: list[set[int]] = [set() for _ in range(devices)]
+    for pe, e in items:
+        room = (fill < per) & ~has[:, e] & allowed[e]
+        if not room.any():
+            room = (fill < per) & ~has[:, e]
+            if not room.any():
+                return None
+        sticky = room & held[:, e] & (load + pe <= load_cap)
+        pool = sticky if sticky.any() else room
+        g = int(np.flatnonzero(pool)[np.argmin(load[pool])])
+        load[g] += pe
+        fill[g] += 1
+        has[g, e] = True
+        sets[g].add(e)
+    return sets_to_slots(carried, sets)
 
 
 def hierarchical_mask(carried: IntArray, experts: int, groups: int, gpus_per_node: int) -> BoolArray | None:
@@ -416,9 +490,11 @@ def rebalance(
     target = np.minimum(reference - slack, 1.0)
 
     slots = carried.copy()
+    mean_load = w.sum(-1) / devices
     for layer in range(num_layers):
+        need = _free_for_counts(w[layer], slots[layer], float(mean_load[layer] / max(target[layer], 1e-9)))
         if (slots[layer] < 0).any() or not incidence(slots[layer][None], experts)[0].any(0).all():
-            _repair_layer(w[layer], slots[layer], allowed[layer], restore_cap)
+            _repair_layer(w[layer], slots[layer], allowed[layer], restore_cap, need)
 
     cap = max_copies_per_layer if max_copies_per_layer is not None else devices * per
     spent = copies_per_device(carried, slots, experts).sum(-1)
@@ -452,12 +528,28 @@ def rebalance(
     # experts in place, duplicates repaired) when that balances better
     fallback = np.flatnonzero(balancedness(w, slots) < target)
     used: list[int] = []
+    ref_counts = incidence(ref_slots, experts).sum(1)
     for fl in fallback:
-        cand = relabel_devices(carried[fl], ref_slots[fl], experts)
-        cand = carry_over(cand[None], list(range(devices)), per)[0]  # drop EPLB's same-device duplicates
-        _repair_layer(w[fl], cand, allowed[fl], restore_cap)
-        if balancedness(w[fl][None], cand[None])[0] > balancedness(w[fl][None], slots[fl][None])[0]:
-            slots[fl] = cand
+        options = []
+        fb_cap = float(mean_load[fl] / max(float(target[fl]), 1e-9))
+        for counts in (ref_counts[fl], incidence(slots[fl][None], experts)[0].sum(0)):
+            packed = sticky_pack(w[fl], counts, carried[fl], allowed[fl], fb_cap)
+            if packed is not None:
+                options.append(packed)
+        relabelled = relabel_devices(carried[fl], ref_slots[fl], experts)
+        relabelled = carry_over(relabelled[None], list(range(devices)), per)[0]  # drop same-device duplicates
+        _repair_layer(w[fl], relabelled, allowed[fl], restore_cap)
+        options.append(relabelled)
+        best = slots[fl]
+        best_key = (balancedness(w[fl][None], best[None])[0] >= target[fl], 0, balancedness(w[fl][None], best[None])[0])
+        for cand in options:
+            b = balancedness(w[fl][None], cand[None])[0]
+            c = int(copies_per_device(carried[fl][None], cand[None], experts).sum())
+            key = (b >= target[fl], -c if b >= target[fl] else 0, b)
+            if key > best_key:
+                best, best_key = cand, key
+        if best is not slots[fl]:
+            slots[fl] = best
             used.append(int(fl))
     fallback = np.asarray(used, dtype=np.int64)
     return RebalanceResult(

@@ -293,3 +293,17 @@ def test_polish_never_worse_and_valid() -> None:
     c_pol = copies_per_device(polished.carried, polished.slots, EXPERTS).sum()
     assert c_pol <= c_plain
     assert (balancedness(w0, polished.slots) >= np.minimum(balancedness(w0, plain.slots), plain.target) - 1e-12).all()
+
+
+def test_two_slots_per_device_matches_reference_balance() -> None:
+    """EP144 x 2 style: local moves stall, the copy-aware packing keeps balance and most experts."""
+    w0 = loads(18, layers=6, experts=24)
+    start = rebalance(w0, eplb_reference(w0, 16, 2)).slots
+    w1 = drifted(w0, 19, 0.3)
+    res = rebalance(w1, start)
+    assert_valid(res.slots, 24)
+    b = balancedness(w1, res.slots)
+    assert (b >= res.reference - 0.002 - 1e-9).all()
+    ours = copies_per_device(res.carried, res.slots, 24).sum()
+    eplb = copies_per_device(res.carried, eplb_reference(w1, 16, 2), 24).sum()
+    assert ours < eplb
