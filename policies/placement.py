@@ -22,7 +22,8 @@ How it is solved (a naive CP-SAT model of 1,000 x 20 ends at a ~91% gap after 2 
 3. **Round and repair**: the per-deployment optima form a plan; pools or domains left over their
    limits are repaired by moving the least valuable replicas, cheapest-first, elsewhere.
 4. **Polish** with CP-SAT (time limit, hinted with the better of the current plan and the
-   repaired plan) on each independent component (deployments linked by shared pools or power
+   repaired plan; a primal improver only - the reported bound stays the Lagrangian one, since
+   CP-SAT sees an integer-rounded model) on each independent component (deployments linked by shared pools or power
    domains) small enough to solve in the time limit, unless step 2-3 already proved a gap
    of at most ``polish_gap``.
 5. If nothing feasible comes out, the greedy baseline's plan is used and the Plan says so.
@@ -67,7 +68,9 @@ from policies.profiles import ProfileTable, default_table
 from policies.snapshot import Frozen, NonNegFloat, NonNegInt, PosFloat, PosInt, Snapshot
 
 Clock = Callable[[], float]
-COST_SCALE = 10_000  # CP-SAT works in integers: $1/h = 10,000 units
+COST_SCALE = 1_000_000  # CP-SAT works in integers: $1/h = 10^6 units (keeps small prices exact)
+CAP_SCALE = 100  # capacities and need in 1/100 tokens/s
+POWER_SCALE = 10  # watts in 1/10 W
 
 
 class PlacementConfig(Frozen):
@@ -521,18 +524,18 @@ def build_model(inst: Instance, ms: IntArray, hint: IntArray) -> CpModel:
         model.add_hint(var, int(min(max(hint[k], 0), inst.ub[k])))
     for m in ms.tolist():
         mk = [int(k) for k in inst.pairs_of(m) if int(k) in r]
-        need = math.ceil(inst.need[m])
-        # short[m] = unmet need (tokens/s, integer)
+        need = math.ceil(inst.need[m] * CAP_SCALE)
+        # short[m] = unmet need, in 1/CAP_SCALE tokens/s
         short = model.new_int_var(0, need, f"short_{inst.deployments[m]}")
-        # demand with headroom: integer capacities rounded down (safe side)
-        model.add(sum(math.floor(inst.cap[k]) * r[k] for k in mk) + short >= need)
+        # demand with headroom: capacities in 1/CAP_SCALE tokens/s, rounded down (safe side)
+        model.add(sum(math.floor(inst.cap[k] * CAP_SCALE) * r[k] for k in mk) + short >= need)
         count = sum(r[k] for k in mk)
         model.add(count <= int(inst.max_r[m]))
         # miss[m] = replicas below min_replicas
         miss = model.new_int_var(0, int(inst.min_r[m]), f"miss_{inst.deployments[m]}")
         model.add(count + miss >= int(inst.min_r[m]))
         terms += [short, miss]
-        coefs += [max(1, round(inst.short_price[m] * COST_SCALE)), round(rho[m] * COST_SCALE)]
+        coefs += [max(1, round(inst.short_price[m] * COST_SCALE / CAP_SCALE)), round(rho[m] * COST_SCALE)]
     pools = sorted({int(inst.pair_p[k]) for k in r})
     for p in pools:
         if math.isinf(inst.pool_devices[p]):
@@ -544,8 +547,9 @@ def build_model(inst: Instance, ms: IntArray, hint: IntArray) -> CpModel:
             continue
         in_d = [k for k in r if inst.pool_domain[inst.pair_p[k]] == d]
         if in_d:
-            # power budget, W rounded up per replica (safe side)
-            model.add(sum(math.ceil(inst.power[k]) * r[k] for k in in_d) <= int(inst.domain_budget[d]))
+            # power budget in 1/POWER_SCALE W, rounded up per replica (safe side)
+            model.add(sum(math.ceil(inst.power[k] * POWER_SCALE) * r[k] for k in in_d)
+                      <= math.floor(inst.domain_budget[d] * POWER_SCALE))
     model.minimize(sum(c * t for c, t in zip(coefs, terms, strict=True)))
     return CpModel(model, r, COST_SCALE)
 
@@ -616,9 +620,9 @@ def optimise(inst: Instance, config: PlacementConfig) -> Solution:
                 if not violations(inst, cand) and _comp_obj(inst, cand, ks) < _comp_obj(inst, r, ks) - 1e-9:
                     r = cand
                 method = "lp+lagrangian+bnb+cpsat"
-            comp_bound = max(comp_bound, cp_bound)
-            if st == SolverStatus.OPTIMAL and len(comps) == 1:
-                status = SolverStatus.OPTIMAL
+            # CP-SAT's own bound is for its integer-rounded (slightly tighter) model, so it is not
+            # a valid bound here: only the Lagrangian bound is reported
+            del st, cp_bound
         bound += comp_bound
     objective = evaluate(inst, r).objective
     bound = min(bound, objective)
