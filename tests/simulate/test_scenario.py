@@ -79,3 +79,18 @@ def test_broken_yaml_names_the_line() -> None:
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(BadInputError, match="cannot read scenario"):
         load_scenario(tmp_path / "nope.yaml")
+
+
+def test_trace_load_replays_the_azure_file(tmp_path: Path, data_dir: Path) -> None:
+    from wattplane.simulate.load import generate_load
+
+    trace = data_dir / "azure-llm-2023" / "AzureLLMInferenceTrace_conv.csv"
+    if not trace.exists():
+        pytest.skip(f"{trace} missing (Azure/AzurePublicDataset AzureLLMInferenceTrace_conv.csv)")
+    text = GOOD.replace("  synthetic: {requests_per_s: 3}", f"  trace: {{path: {trace}, rate_scale: 2.0}}")
+    sc = parse_scenario(text.replace("duration_s: 60", "duration_s: 600"))
+    load = generate_load(sc, seed=0)
+    # the first 600 s of the trace hold ~5.5 req/s; two offset copies double it
+    assert load.requests.sum() / 600 == pytest.approx(2 * 5.53, rel=0.25)
+    same = generate_load(sc, seed=0)
+    assert (same.requests == load.requests).all()

@@ -117,13 +117,13 @@ class SimulatedFleet:
         return self.deployments[dep].parallelism.devices
 
     # -- replicas (what the executor's Deployment / pod-group writes amount to) -------------------
-    def set_replicas(self, action: SetReplicas, now: float) -> bool:
+    def set_replicas(self, action: SetReplicas) -> bool:
+        """Record the desired count; :meth:`reconcile_replicas` (once per plan) converges to it."""
         dep, pool = self.dep_index.get(action.deployment), self.pool_index.get(action.pool)
         if dep is None or pool is None:
             return False
         changed = int(self.desired[dep, pool]) != action.replicas
         self.desired[dep, pool] = action.replicas
-        self.reconcile_replicas(now)
         return changed
 
     def running(self, dep: int, pool: int) -> list[Replica]:
@@ -136,24 +136,27 @@ class SimulatedFleet:
         removed only once the deployment has no replica still starting (its replacement is ready);
         not-yet-ready extras go at once. The engine calls this again whenever a replica turns ready.
         """
-        for dep in range(len(self.deployments)):
-            for pool in range(len(self.pools)):
-                have = len(self.running(dep, pool))
-                for _ in range(int(self.desired[dep, pool]) - have):
-                    if not self._place(dep, pool, now):
-                        break
-            starting = any(r.deployment == dep and r.ready_at > now for r in self.replicas.values())
-            for pool in range(len(self.pools)):
-                have_list = self.running(dep, pool)
-                extra = len(have_list) - int(self.desired[dep, pool])
-                if extra <= 0:
-                    continue
-                # not-yet-ready first, then newest: the oldest (warm) replicas keep serving
-                have_list.sort(key=lambda r: (r.ready_at <= now, -r.id))
-                for r in have_list[:extra]:
-                    if r.ready_at <= now and starting:
-                        break
-                    self._remove(r)
+        groups: dict[tuple[int, int], list[Replica]] = {}
+        for r in self.replicas.values():
+            groups.setdefault((r.deployment, r.pool), []).append(r)
+        starting = {r.deployment for r in self.replicas.values() if r.ready_at > now}
+        for dep, pool in zip(*np.nonzero(self.desired), strict=True):
+            have = len(groups.get((int(dep), int(pool)), []))
+            for _ in range(int(self.desired[dep, pool]) - have):
+                if not self._place(int(dep), int(pool), now):
+                    break
+                if now > 0:  # at t=0 the initial fleet starts ready
+                    starting.add(int(dep))
+        for (dep, pool), have_list in groups.items():
+            extra = len(have_list) - int(self.desired[dep, pool])
+            if extra <= 0:
+                continue
+            # not-yet-ready first, then newest: the oldest (warm) replicas keep serving
+            have_list.sort(key=lambda r: (r.ready_at <= now, -r.id))
+            for r in have_list[:extra]:
+                if r.ready_at <= now and dep in starting:
+                    break
+                self._remove(r)
 
     def pending(self, dep: int, pool: int) -> int:
         return max(int(self.desired[dep, pool]) - len(self.running(dep, pool)), 0)
@@ -361,7 +364,7 @@ def apply_plan(fleet: SimulatedFleet, plan: Plan, now: float, report: ApplyRepor
     """Dispatch a plan's actions to the fleet's ports (the executor's job, in memory)."""
     for a in plan.actions:
         if isinstance(a, SetReplicas):
-            report.replica_changes += int(fleet.set_replicas(a, now))
+            report.replica_changes += int(fleet.set_replicas(a))
         elif isinstance(a, SetPowerCap):
             report.caps_set += int(fleet.set_power_cap(a) and a.power_limit_w is not None)
         elif isinstance(a, SetRoutingShare):
@@ -373,8 +376,8 @@ def apply_plan(fleet: SimulatedFleet, plan: Plan, now: float, report: ApplyRepor
                 report.migrations += 1
             else:
                 report.migrations_rejected += 1
-    if any(isinstance(a, MigratePod) for a in plan.actions):
-        fleet.reconcile_replicas(now)  # freed room may let pending replicas place
+    if any(isinstance(a, MigratePod | SetReplicas) for a in plan.actions):
+        fleet.reconcile_replicas(now)  # new desired counts, or room freed by migrations
 
 
 __all__ = ["ApplyReport", "BackgroundPod", "Replica", "SimulatedFleet", "apply_plan"]

@@ -133,27 +133,27 @@ def write_html(out: Path, scenario: str, description: str, results: list[SimResu
         if not r.series_labels.get("power_w"):
             ax.plot(t, r.series["fleet_power_w"] / 1000, label="fleet")
         ax.set_title("power vs budget (kW; dashed = budget)")
-        ax.legend(fontsize=7)
+        _legend(ax)
         ax = axes[0][1]
         for i, lab in enumerate(r.series_labels["ready_replicas"]):
             if r.series["ready_replicas"][i].any():
                 ax.step(t, r.series["ready_replicas"][i], where="post", label=lab)
         ax.set_title("ready replicas per deployment@pool")
-        ax.legend(fontsize=7)
+        _legend(ax)
         ax = axes[1][0]
         for i, lab in enumerate(r.series_labels["ttft_p99_ms"]):
             ax.plot(t, np.minimum(r.series["ttft_p99_ms"][i], 1e5), label=f"{lab} TTFT")
             ax.plot(t, np.minimum(r.series["tpot_p99_ms"][i], 1e5), linestyle=":", label=f"{lab} TPOT")
         ax.set_yscale("log")
         ax.set_title("latency p99 (ms)")
-        ax.legend(fontsize=7)
+        _legend(ax)
         ax = axes[1][1]
         for i, lab in enumerate(r.series_labels["fallback_share"]):
             if r.series["fallback_share"][i].any():
                 ax.plot(t, r.series["fallback_share"][i], label=lab)
         ax.set_ylim(0, 1)
         ax.set_title("share routed to fallback")
-        ax.legend(fontsize=7)
+        _legend(ax)
         for a in axes.flat:
             a.set_xlabel("minutes")
         fig.tight_layout()
@@ -165,6 +165,11 @@ def write_html(out: Path, scenario: str, description: str, results: list[SimResu
     path = out / "report.html"
     path.write_text("\n".join(parts))
     return path
+
+
+def _legend(ax: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
 __all__ = ["EXTRA", "HEADLINE", "summary", "to_json", "write_csv", "write_cycles", "write_html"]
