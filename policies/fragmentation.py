@@ -142,6 +142,7 @@ class Packing:
     cpu_free: list[int] = field(default_factory=list)
     mem_free: list[int] = field(default_factory=list)
     gpu_free: list[list[int]] = field(default_factory=list)
+    log: list[int] = field(default_factory=list)  # items in the order ``move`` moved them
     _frag_memo: dict[Signature, float] = field(default_factory=dict)
 
     # -- construction -------------------------------------------------------------------------
@@ -219,6 +220,7 @@ class Packing:
                 self.place(i, a, self.fit(i, a, ignore_resources=True) or ())
             return False
         self.place(i, b, gpus)
+        self.log.append(i)
         return True
 
     # -- fitting ------------------------------------------------------------------------------
@@ -276,7 +278,8 @@ class Packing:
     def copy(self) -> Packing:
         return Packing(
             self.form, self.bins, self.items, self.mix, self.vm_cores, list(self.assign), list(self.gpu_of),
-            list(self.cpu_free), list(self.mem_free), [list(g) for g in self.gpu_free], self._frag_memo,
+            list(self.cpu_free), list(self.mem_free), [list(g) for g in self.gpu_free], list(self.log),
+            self._frag_memo,
         )
 
 

@@ -89,12 +89,20 @@ def plan_reschedule(
 
     steps = greedy_moves(packing, budget, out_of_time)
     search = Search(before.fragment(), packing.fragment(), steps, statuses={})
+    greedy = packing.copy()
     if config.form is Form.NUMA and config.mnl > 0 and not out_of_time():
         packing = improve_flow(before, packing, budget, config, search, time_left())
     proven = search.flow_bound is not None and packing.fragment() <= search.flow_bound + 1e-9
     if config.use_lns and config.mnl > 0 and not proven:
         packing = improve_lns(packing, budget, config, search, out_of_time, time_left)
-    return to_plan(before, packing, config, state, search)
+    # The plan names nodes, not devices: score what the moves give when run one by one with the
+    # scheduler's best-fit device choice, and keep the greedy plan if the search's is not better then.
+    realised, order = realise(before, packing)
+    if realised is not packing and realised.fragment() > search.frag_greedy + 1e-9:
+        realised, order = realise(before, greedy)
+        search.lns_accepted = 0
+        search.flow_accepted = False
+    return to_plan(before, realised, order, config, state, search)
 
 
 def budget_of(snapshot: Snapshot, mnl: int) -> MoveBudget:
@@ -570,9 +578,12 @@ def fragment_bound(before: Packing, mnl: int) -> float:
     return bound
 
 
-def ordered_moves(before: Packing, after: Packing) -> tuple[list[int], int]:
-    """Moves in an order where each target has room when its turn comes; also how many could not be ordered."""
-    todo = after.moved()
+def realise(before: Packing, after: Packing) -> tuple[Packing, list[int]]:
+    """Run the migrations from ``before`` towards ``after`` one at a time, each when its target has room,
+    each pod landing on best-fit devices; migrations that cannot be ordered (cycles) are dropped.
+    The search's own order is preferred (replaying greedy's moves reproduces its device choices)."""
+    last = {i: k for k, i in enumerate(after.log)}
+    todo = sorted(after.moved(), key=lambda i: (last.get(i, len(last)), i))
     sim = before.copy()
     order: list[int] = []
     while todo:
@@ -582,11 +593,14 @@ def ordered_moves(before: Packing, after: Packing) -> tuple[list[int], int]:
         sim.move(ready, after.assign[ready])
         order.append(ready)
         todo.remove(ready)
-    return order + todo, len(todo)
+    return sim, order
 
 
-def to_plan(before: Packing, after: Packing, config: RescheduleConfig, state: RescheduleState, search: Search) -> Plan:
-    order, unordered = ordered_moves(before, after)
+def to_plan(
+    before: Packing, after: Packing, order: list[int], config: RescheduleConfig, state: RescheduleState,
+    search: Search,
+) -> Plan:
+    """MigratePod actions in executable order, with the fragment reached, the bound and how it was found."""
     actions = [
         MigratePod(
             pod=after.items[i].name,
@@ -637,7 +651,6 @@ def to_plan(before: Packing, after: Packing, config: RescheduleConfig, state: Re
             "whole_gpus_free": float(after.whole_gpus_free()),
             "pending_placeable": float(placed),
             "pending_placeable_gpus": float(placed_gpus),
-            "unordered_moves": float(unordered),
         },
     )
     next_state = RescheduleState(cycles=state.cycles + 1, last_frag_rate=rate_after)

@@ -60,20 +60,23 @@ def greedy_moves(packing: Packing, budget: MoveBudget, should_stop: Callable[[],
     leave: dict[int, float] = {}
     moved = set(packing.moved())
     pdb_used = _pdb_used(packing, moved)
+    shape_of = {i: packing.items[i].shape for i in items}
     steps = 0
     while should_stop is None or not should_stop():
+        lowest = {shape: _lower(heap, groups) for shape, heap in heaps.items()}  # best join per shape
         best: tuple[float, int, int] | None = None  # (delta, item, target bin)
         for i in items:
-            if not can_move(packing, i, moved, pdb_used, budget):
-                continue
-            a = packing.assign[i]
+            low = lowest[shape_of[i]]
             gain = leave.get(i)
             if gain is None:
                 gain = _leave_delta(packing, i)
                 leave[i] = gain
-            if best is not None and gain + _lower(heaps[packing.items[i].shape], groups) >= best[0] - EPS:
+            # prune: even the best join for this shape cannot make a better (or any) improving move
+            if gain + low >= (best[0] if best is not None else 0.0) - EPS:
                 continue
-            target = _best_target(heaps[packing.items[i].shape], groups, a)
+            if not can_move(packing, i, moved, pdb_used, budget):
+                continue
+            target = _best_target(heaps[shape_of[i]], groups, packing.assign[i])
             if target is None:
                 continue
             delta = gain + target[0]

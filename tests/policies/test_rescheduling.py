@@ -24,6 +24,7 @@ from policies.rescheduling import (
 )
 from policies.snapshot import Node, Pod, PodDisruptionBudget, Snapshot
 
+MIX_PENDING_WEIGHT = RescheduleConfig().pending_weight  # score with the mix the policy used
 FAST = {"time_limit_s": 1.0, "sub_time_limit_s": 0.1, "max_lns_steps": 3}
 
 
@@ -51,7 +52,7 @@ def fragmented(**pod_kw: Any) -> list[Pod]:
 
 def rescore(snap: Snapshot, plan_actions: tuple[Any, ...], form: Form = Form.GPU) -> Packing:
     """Apply a plan's moves, in its order, to a fresh packing: each must fit when its turn comes."""
-    p = Packing.from_snapshot(snap, form)
+    p = Packing.from_snapshot(snap, form, pending_weight=MIX_PENDING_WEIGHT)
     index = {(b.node, b.numa): k for k, b in enumerate(p.bins)}
     moves = [(a.pod, index[(a.to_node, a.to_numa)]) for a in plan_actions if isinstance(a, MigratePod)]
     assert apply_moves(p, moves) == len(moves)
@@ -144,10 +145,12 @@ def test_never_worse_than_greedy_and_within_limit(seed: int, mnl: int) -> None:
     plan = plan_reschedule(snap, RescheduleConfig(mnl=mnl, time_limit_s=1.0, sub_time_limit_s=0.1, max_lns_steps=3))
     assert len(plan.actions) <= mnl
     ours = rescore(snap, plan.actions)
-    greedy = Packing.from_snapshot(snap, Form.GPU)
+    greedy = Packing.from_snapshot(snap, Form.GPU, pending_weight=MIX_PENDING_WEIGHT)
     greedy_moves(greedy, MoveBudget(mnl=mnl, pdb_left={}))
     assert ours.fragment() <= greedy.fragment() + 1e-6
-    assert ours.fragment() >= fragment_bound(Packing.from_snapshot(snap, Form.GPU), mnl) - 1e-6
+    start = Packing.from_snapshot(snap, Form.GPU, pending_weight=MIX_PENDING_WEIGHT)
+    assert ours.fragment() >= fragment_bound(start, mnl) - 1e-6
+    assert plan.explanation.objective == pytest.approx(ours.fragment())  # the plan's figure is what its moves give
 
 
 def vm_snapshot() -> Snapshot:
