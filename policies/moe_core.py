@@ -193,8 +193,20 @@ def _free_for_counts(w: FloatArray, slots: IntArray, target_max: float) -> IntAr
     return need
 
 
+def _excess(d: FloatArray, cap: FloatArray) -> FloatArray:
+    """Total load above the target max device load ``cap`` (broadcast over d's last axis)."""
+    out: FloatArray = np.maximum(d - cap[..., None], 0.0).sum(-1)
+    return out
+
+
 def _repair_layer(
-    w: FloatArray, slots: IntArray, allowed: BoolArray, restore_cap: int, need: IntArray | None = None
+    w: FloatArray,
+    slots: IntArray,
+    allowed: BoolArray,
+    restore_cap: int,
+    need: IntArray | None = None,
+    target_max: float | None = None,
+    fill_devices: int = 1,
 ) -> None:
     """Restore lost experts, then fill empty slots (experts short of ``need`` first); in place."""
     devices, _ = slots.shape
@@ -234,27 +246,44 @@ def _repair_layer(
             continue
         if not free.any():
             return
-        # fill the emptiest-loaded device with free slots with the expert that lowers the max most
-        g = int(np.flatnonzero(free > 0)[np.argmin(d[free > 0])])
+        # fill one empty slot: the (device with room, expert) pair that best lowers the target excess
+        # (or the max), the device chosen jointly so fresh devices are packed, not just topped up
         pa_new = w / (cnt + 1)
         da = pa_new - p
-        newd = d[None, :] + m.T * da[:, None]  # [E, G]
-        newd[:, g] += pa_new
-        ok = (~m[g]) & allowed[:, g]
-        if need is not None and (ok & (cnt < need)).any():
-            ok = ok & (cnt < need)
-        if not ok.any():
-            ok = ~m[g]
-        if not ok.any():
-            raise ValueError(f"device {g} already holds every expert; too many slots for {experts} experts")
-        score = np.where(ok, _score(newd), np.inf)
-        slots[g, int(np.flatnonzero(slots[g] < 0)[0])] = int(np.argmin(score))
+        base = d[None, :] + m.T * da[:, None]  # [E, G] every device's load if expert e gains a replica
+        best: tuple[float, int, int] | None = None
+        for g in np.flatnonzero(free > 0)[np.argsort(d[free > 0], kind="stable")][:fill_devices]:
+            g = int(g)
+            newd = base.copy()
+            newd[:, g] += pa_new
+            ok = (~m[g]) & allowed[:, g]
+            if need is not None and (ok & (cnt < need)).any():
+                ok = ok & (cnt < need)
+            if not ok.any():
+                ok = ~m[g]
+            if not ok.any():
+                continue
+            fill_score = _score(newd)
+            if target_max is not None:
+                fill_score = 1e-3 * fill_score + _excess(newd, np.full(newd.shape[0], target_max))
+            score = np.where(ok, fill_score, np.inf)
+            e = int(np.argmin(score))
+            if best is None or float(score[e]) < best[0]:
+                best = (float(score[e]), g, e)
+        if best is None:
+            raise ValueError(f"no free slot can take another expert; too many slots for {experts} experts")
+        _, g, e = best
+        slots[g, int(np.flatnonzero(slots[g] < 0)[0])] = e
 
 
 def _improve_step(
-    w: FloatArray, slots: IntArray, allowed: BoolArray, layers: IntArray, light: int
+    w: FloatArray, slots: IntArray, allowed: BoolArray, layers: IntArray, light: int, cap: FloatArray | None = None
 ) -> tuple[IntArray, IntArray]:
-    """One move per layer in ``layers``; returns ``(moved_layers, copies_spent)`` and edits ``slots``."""
+    """One move per layer in ``layers``; returns ``(moved_layers, copies_spent)`` and edits ``slots``.
+
+    With ``cap`` (target max device load per layer in ``layers``) moves are ranked by how much load
+    above the target they remove per copy (max load breaks ties); without it, by the max load.
+    """
     sl = slots[layers]  # [L, G, S]
     wl = w[layers]
     num_layers, devices, per = sl.shape
@@ -264,6 +293,9 @@ def _improve_step(
     li = np.arange(num_layers)
     d = np.einsum("lge,le->lg", m, p)
     s0 = _score(d)
+    wx = 0.0 if cap is None else 1.0  # weight of the excess term
+    capl = np.zeros(num_layers) if cap is None else cap
+    s0 = s0 * (1e-3 if cap is not None else 1.0) + wx * _excess(d, capl)
     gstar = np.argmax(d, -1)
     a = sl[li, gstar]  # [L, Sa] experts on the hottest device
     pa, ca = p[li[:, None], a], cnt[li[:, None], a]
@@ -297,7 +329,8 @@ def _improve_step(
     )  # [L, Sa, R, G]
     a_on_h = m[li[:, None, None], hr[:, None, :], a[:, :, None]]  # [L, Sa, R]
     ok_r = (~a_on_h) & pick_ok[:, None, :] & allowed[layers[:, None, None], a[:, :, None], hr[:, None, :]]
-    score_r = np.where(ok_r, _score(newd), np.inf).reshape(num_layers, -1)
+    base_r = _score(newd) * (1e-3 if cap is not None else 1.0) + wx * _excess(newd, capl[:, None, None])
+    score_r = np.where(ok_r, base_r, np.inf).reshape(num_layers, -1)
     best_r = np.argmin(score_r, -1)
     gain_r = s0 - score_r[li, best_r]
     # swap: a (on g*) and b (on any other device h) trade places; two copies
@@ -321,6 +354,12 @@ def _improve_step(
     sumsq = (d * d).sum(-1)[:, None, None, None] - d[li, gstar][:, None, None, None] ** 2
     sumsq = sumsq - (d[li[:, None], h] ** 2)[:, None, :, None] + new_star**2 + new_h**2
     score_x = mx + 1e-7 * sumsq / np.maximum(d.mean(-1), 1e-300)[:, None, None, None]
+    if cap is not None:
+        c4 = capl[:, None, None, None]
+        ex = _excess(d, capl)[:, None, None, None] - np.maximum(d[li, gstar] - capl, 0.0)[:, None, None, None]
+        ex = ex - np.maximum(d[li[:, None], h] - capl[:, None], 0.0)[:, None, :, None]
+        ex = ex + np.maximum(new_star - c4, 0.0) + np.maximum(new_h - c4, 0.0)
+        score_x = 1e-3 * score_x + ex
     b_on_star = m[li[:, None, None], gstar[:, None, None], v]  # [L, K, Sb]
     ok_x = (
         (~a_on_h)[..., None]
@@ -460,6 +499,7 @@ def rebalance(
     hierarchy: tuple[int, int] | None = None,
     revert: bool = True,
     polish_s: float = 0.0,
+    objective: str = "excess",
 ) -> RebalanceResult:
     """Re-place experts of every layer starting from ``current`` (``[L, G, S]``, -1 = empty slot).
 
@@ -491,10 +531,14 @@ def rebalance(
 
     slots = carried.copy()
     mean_load = w.sum(-1) / devices
+    target_max = mean_load / np.maximum(target, 1e-9)
     for layer in range(num_layers):
         need = _free_for_counts(w[layer], slots[layer], float(mean_load[layer] / max(target[layer], 1e-9)))
         if (slots[layer] < 0).any() or not incidence(slots[layer][None], experts)[0].any(0).all():
-            _repair_layer(w[layer], slots[layer], allowed[layer], restore_cap, need)
+            _repair_layer(
+                w[layer], slots[layer], allowed[layer], restore_cap, need,
+                float(target_max[layer]) if objective == "excess" else None,
+            )
 
     cap = max_copies_per_layer if max_copies_per_layer is not None else devices * per
     spent = copies_per_device(carried, slots, experts).sum(-1)
@@ -502,7 +546,9 @@ def rebalance(
     steps = 0
     while active.size:
         steps += 1
-        moved, cost = _improve_step(w, slots, allowed, active, light_devices)
+        moved, cost = _improve_step(
+            w, slots, allowed, active, light_devices, target_max[active] if objective == "excess" else None
+        )
         spent[moved] += cost
         still = balancedness(w[moved], slots[moved]) < target[moved]
         active = moved[still & (spent[moved] < cap)]
