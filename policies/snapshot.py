@@ -260,6 +260,7 @@ class GPUTelemetry(Frozen):
     energy_j: NonNegFloat = 0.0
     deployment: str | None = None  # what runs on it, if anything
     priority: PriorityClass | None = None
+    prefill_fraction: Fraction | None = None  # share of the interval in prompt passes (engine metrics); None: unknown
 
 
 class ServingTelemetry(Frozen):
