@@ -14,9 +14,11 @@ The serving model (fluid, per deployment; documented so results can be judged):
   models, ``0.5 + 0.5 * balancedness`` of the current expert placement under the current expert
   loads (half of a step waits for the hottest device);
 * a queue carries output tokens that exceeded capacity into the next step (dropped after 60 s);
-* ``rho`` = arrivals / capacity; TTFT p99 = ``ttft_base * (1 + 4.6 * rho / (1 - rho) / sqrt(n))``
-  + queue wait, where 4.6 = -ln(0.01) is the M/M/1 p99 waiting factor and ``sqrt(n)`` the pooling
-  gain of ``n`` ready replicas; TPOT p99 = ``tpot_base * (0.6 + 0.8 * rho) / decode_speed`` with
+* ``rho`` = offered load (EWMA over 20 s: the queueing formula already accounts for Poisson
+  noise, so per-second counts would count it twice) / capacity;
+  TTFT p99 = ``ttft_base * (1 + 4.6 * rho / (1 - rho) / sqrt(n))`` + queue wait, where
+  4.6 = -ln(0.01) is the M/M/1 p99 waiting factor and ``sqrt(n)`` the pooling gain of ``n``
+  ready replicas; TPOT p99 = ``tpot_base * (0.6 + 0.8 * rho) / decode_speed`` with
   ``tpot_base`` the profile's median ITL at calibration load: 0.6x near idle (small batches),
   1.4x — a p99/median ratio typical of continuous batching — as the batch fills;
 * a step meets its SLO when both p99s are within the deployment's SLO; SLO attainment is the share
@@ -61,6 +63,7 @@ from wattplane.simulate.scenario import Scenario
 MAX_QUEUE_S = 60.0  # queued work older than this is dropped (clients time out)
 P99_WAIT_FACTOR = -math.log(0.01)
 MOE_EXPERT_SHARE = 0.5
+RHO_SMOOTHING_S = 20.0  # utilisation in the latency formulas: EWMA of offered load over ~20 s
 TPOT_LOW, TPOT_SLOPE = 0.6, 0.8  # TPOT p99 = median ITL at calibration load x (0.6 + 0.8 rho)
 
 
@@ -418,6 +421,8 @@ class Simulation:
         s_met = np.zeros((n_dep, steps))
         s_requests = np.zeros((n_dep, steps))
         backlog = np.zeros(n_dep)
+        offered = self.load.output_tokens[:, 0] / dt  # smoothed offered load (tokens/s), see RHO_SMOOTHING_S
+        alpha = 1.0 - math.exp(-dt / RHO_SMOOTHING_S)
         dropped = np.zeros(n_dep)
         total = ApplyReport()
         state = PipelineState()
@@ -494,7 +499,9 @@ class Simulation:
             dropped += over
             backlog -= over
             util = np.where(cap_tokens > 0, served / np.maximum(cap_tokens, 1e-12), 0.0)
-            rho = np.where(cap_tokens > 0, out / np.maximum(cap_tokens, 1e-12), np.where(out > 0, np.inf, 0.0))
+            offered = offered + alpha * (out / dt - offered)
+            rho = np.where(self.capacity > 0, offered / np.maximum(self.capacity, 1e-12),
+                           np.where(offered > 0, np.inf, 0.0))
             rho_c = np.minimum(rho, 0.99)
             wait_ms = np.where(self.capacity > 0, backlog / np.maximum(self.capacity, 1e-12) * 1000, np.inf)
             ttft = self.ttft_base * (1 + P99_WAIT_FACTOR * rho_c / (1 - rho_c) / np.sqrt(np.maximum(self.n_ready, 1)))

@@ -1,10 +1,12 @@
 """The simulated world: nodes, GPUs, replicas, background pods, caps, routing and expert placement.
 
 The fleet is the in-memory fake behind the executor's ports (design §1: "same policies, same
-executor interface"). It implements the controller's ``AgentPort.set_power_cap`` and
-``RouterPort.set_routing_share`` (``controller/executor/ports.py``) directly, plus the replica,
-expert-placement and migration effects that the controller's executor turns into Kubernetes writes.
-:func:`apply_plan` dispatches a Plan's actions to those methods, the way the executor does.
+executor interface"). It implements the controller's ``AgentPort`` and ``RouterPort``
+(``controller/executor/ports.py``), and :func:`apply_plan` hands power caps and routing shares to
+the controller's real :class:`controller.executor.executor.Executor` (``apply_node_actions``),
+which calls those ports. Replica counts, expert placements and migrations — which the executor
+turns into Kubernetes writes (Deployments, pod groups, ConfigMaps, evictions) — are applied here
+directly with the same semantics (make before break, placement by first fit as a scheduler would).
 
 State lives in numpy arrays indexed by a global GPU id so a 10,000-GPU fleet stays cheap:
 ``owner[g]`` is the replica using GPU ``g`` (-1 none), ``bg_milli[g]`` the share used by background
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from controller.executor.executor import Executor
+from controller.executor.ports import RecordingCluster
 from policies.plan import MigratePod, Plan, SetExpertPlacement, SetPowerCap, SetReplicas, SetRoutingShare
 from policies.snapshot import AcceleratorSpec
 from wattplane.simulate.scenario import Scenario
@@ -99,6 +103,9 @@ class SimulatedFleet:
         self.placements: dict[int, tuple[int, np.ndarray, int]] = {}  # dep -> (version, phy2log, slots/device)
         self.background: dict[str, BackgroundPod] = {}
         self.version = 0  # bumped on every change that affects capacity or power groups
+        self.caps_set = 0  # counters of the port calls that changed something
+        self.routing_changes = 0
+        self.executor = Executor(cluster=RecordingCluster(), agents=self, router=self)
         self._rng = rng
 
     # -- geometry helpers ------------------------------------------------------------------------
@@ -199,31 +206,32 @@ class SimulatedFleet:
         self.version += 1
 
     # -- AgentPort / RouterPort (controller/executor/ports.py) -----------------------------------
-    def set_power_cap(self, action: SetPowerCap) -> bool:
+    def set_power_cap(self, action: SetPowerCap) -> None:
+        """The agent's applier: clamp to the device's legal range, as the node agent does."""
         node = self.node_by_name.get(action.node)
         if node is None:
-            return False
+            return
         gpus = self.node_gpus(node)
         if action.gpu >= len(gpus):
-            return False
+            return
         g = gpus[action.gpu]
         old = self.cap[g]
         spec = self.spec(int(self.gpu_pool[g]))
         new = np.nan if action.power_limit_w is None else min(max(action.power_limit_w, spec.min_power_w),
                                                               spec.max_power_w)
         if (math.isnan(old) and math.isnan(new)) or old == new:
-            return False
+            return
         self.cap[g] = new
+        self.caps_set += int(not math.isnan(new))
         self.version += 1
-        return True
 
-    def set_routing_share(self, action: SetRoutingShare) -> bool:
+    def set_routing_share(self, action: SetRoutingShare) -> None:
         dep, fb = self.dep_index.get(action.deployment), self.dep_index.get(action.fallback)
         if dep is None or fb is None:
-            return False
+            return
         old = self.routing.get(dep)
         self.routing[dep] = (fb, float(action.fallback_share))
-        return old is None or abs(old[1] - action.fallback_share) > 1e-9
+        self.routing_changes += int(old is None or abs(old[1] - action.fallback_share) > 1e-9)
 
     # -- expert placement (the executor publishes it as a versioned ConfigMap) --------------------
     def set_expert_placement(self, action: SetExpertPlacement) -> int:
@@ -361,14 +369,16 @@ def _replica_id(pod: str) -> int | None:
 
 
 def apply_plan(fleet: SimulatedFleet, plan: Plan, now: float, report: ApplyReport) -> None:
-    """Dispatch a plan's actions to the fleet's ports (the executor's job, in memory)."""
+    """Apply a plan: node actions through the controller's executor, the rest to the fleet directly."""
+    caps, routes = fleet.caps_set, fleet.routing_changes
+    fleet.executor.apply_node_actions(plan, dry_run=plan.dry_run)
+    report.caps_set += fleet.caps_set - caps
+    report.routing_changes += fleet.routing_changes - routes
+    if plan.dry_run:
+        return
     for a in plan.actions:
         if isinstance(a, SetReplicas):
             report.replica_changes += int(fleet.set_replicas(a))
-        elif isinstance(a, SetPowerCap):
-            report.caps_set += int(fleet.set_power_cap(a) and a.power_limit_w is not None)
-        elif isinstance(a, SetRoutingShare):
-            report.routing_changes += int(fleet.set_routing_share(a))
         elif isinstance(a, SetExpertPlacement):
             report.expert_copies += fleet.set_expert_placement(a)
         elif isinstance(a, MigratePod):
