@@ -25,7 +25,8 @@ from benchmarks.common import Case, Metrics
 from policies.baselines.descheduler import DeschedulerConfig, descheduler_moves
 from policies.baselines.first_fit import first_fit_bin, pending_placeable
 from policies.baselines.greedy_moves import greedy_moves
-from policies.fragmentation import Form, Packing
+from policies.fragmentation import Form, Packing, apply_moves
+from policies.plan import MigratePod
 from policies.rescheduling import RescheduleConfig, budget_of, plan_reschedule
 from policies.snapshot import Node, Pod, Snapshot
 from wattplane.datasets import data_file, load_alibaba_nodes, load_alibaba_pods
@@ -124,9 +125,7 @@ def compare(snap: Snapshot, form: Form, mnl: int, limit: float, seed: int = 0) -
     def ours(p: Packing) -> None:
         plan = plan_reschedule(snap, config, clock=time.perf_counter)
         index = {(b.node, b.numa): k for k, b in enumerate(p.bins)}
-        for a in plan.actions:
-            item = next(i for i, it in enumerate(p.items) if it.name == getattr(a, "pod", None))
-            p.move(item, index[(a.to_node, a.to_numa)])
+        apply_moves(p, [(a.pod, index[(a.to_node, a.to_numa)]) for a in plan.actions if isinstance(a, MigratePod)])
 
     runs: dict[str, Callable[[Packing], object]] = {
         "none": lambda p: None,

@@ -310,11 +310,44 @@ def _choose_gpus(free: list[int], num_gpu: int, milli: int) -> tuple[int, ...] |
 
 
 def apply_moves(packing: Packing, moves: Iterable[tuple[str, int]]) -> int:
-    """Apply (item name, bin) moves in order; returns how many were applied (a move that no longer fits is skipped)."""
+    """Run (item name, bin) migrations in order with eviction semantics; return how many landed.
+
+    A migration whose target has no room yet evicts the pod anyway (it waits, pending, as an evicted
+    pod would) and it lands as soon as a later migration makes room; pods still waiting at the end go
+    back to where they were (the migration did not happen).
+    """
     by_name = {it.name: i for i, it in enumerate(packing.items)}
-    done = 0
+    waiting: list[tuple[int, int, int]] = []  # (item, target, origin)
+    landed = 0
     for name, b in moves:
         i = by_name.get(name)
-        if i is not None and packing.assign[i] >= 0 and packing.move(i, b):
-            done += 1
-    return done
+        if i is None or packing.assign[i] < 0:
+            continue
+        origin = packing.assign[i]
+        if packing.move(i, b):
+            landed += 1
+            landed += _land_waiting(packing, waiting)
+        else:
+            packing.remove(i)
+            waiting.append((i, b, origin))
+            landed += _land_waiting(packing, waiting)
+    for i, _, origin in waiting:
+        packing.place(i, origin, packing.fit(i, origin, ignore_resources=True) or ())
+    return landed
+
+
+def _land_waiting(packing: Packing, waiting: list[tuple[int, int, int]]) -> int:
+    landed = 0
+    progress = True
+    while progress:
+        progress = False
+        for entry in list(waiting):
+            i, b, _ = entry
+            gpus = packing.fit(i, b)
+            if gpus is not None:
+                packing.place(i, b, gpus)
+                packing.log.append(i)
+                waiting.remove(entry)
+                landed += 1
+                progress = True
+    return landed

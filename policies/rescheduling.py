@@ -22,8 +22,8 @@ from itertools import pairwise
 from ortools.sat.python import cp_model
 
 from policies.baselines.first_fit import pending_placeable
-from policies.baselines.greedy_moves import MoveBudget, greedy_moves
-from policies.fragmentation import WHOLE, Form, Packing
+from policies.baselines.greedy_moves import MoveBudget, greedy_moves, join_delta
+from policies.fragmentation import WHOLE, Form, Packing, Signature, apply_moves
 from policies.plan import Explanation, MigratePod, Plan, PolicyName, Reason, SolverStatus
 from policies.snapshot import Frozen, NonNegFloat, NonNegInt, PosFloat, PosInt, Snapshot
 
@@ -317,8 +317,9 @@ def improve_lns(
 
 
 def choose_neighbourhood(packing: Packing, size: int, rng: _Rng) -> list[int]:
-    """Bins to re-pack together: both ends of a few current migrations (so LNS can trade a weak move
-    for a better one when the MNL binds), fragmented bins, and a few arbitrary ones that may take pods."""
+    """Bins to re-pack together: a fragmented bin, the bins where its pods would fit best (what a
+    single greedy move cannot exploit is several pods leaving together), sometimes both ends of a
+    current migration (so LNS can trade a weak move for a better one when the MNL binds)."""
     live = [b for b in range(len(packing.bins)) if packing.bins[b].schedulable]
     frag = sorted(((packing.bin_fragment(b), b) for b in live), key=lambda fb: (-fb[0], fb[1]))
     hot = [b for f, b in frag if f > 0]
@@ -326,17 +327,38 @@ def choose_neighbourhood(packing: Packing, size: int, rng: _Rng) -> list[int]:
         return []
     chosen: set[int] = set()
     moved = packing.moved()
-    if moved and rng.below(3) > 0:
-        for _ in range(1 + rng.below(3)):
-            i = moved[rng.below(len(moved))]
-            chosen.update((packing.items[i].origin, packing.assign[i]))
+    if moved and rng.below(3) == 0:
+        i = moved[rng.below(len(moved))]
+        chosen.update((packing.items[i].origin, packing.assign[i]))
     top = min(len(hot), max(4 * size, 64))
+    seed = hot[rng.below(top)]
+    chosen.add(seed)
+    partners = _partners(packing, seed, live)
+    picks = partners[: 2 * size]
+    while len(chosen) < size and picks:
+        chosen.add(picks.pop(rng.below(len(picks))))
     attempts = 0
     while len(chosen) < size and attempts < 8 * size:
         attempts += 1
-        pool = hot[:top] if rng.below(4) > 0 else live
-        chosen.add(pool[rng.below(len(pool))])
+        chosen.add(hot[rng.below(top)])
     return sorted(chosen)
+
+
+def _partners(packing: Packing, seed: int, live: list[int]) -> list[int]:
+    """Bins ranked by how much fragment the seed's movable pods would remove by joining them."""
+    shapes = {packing.items[i].shape for i, at in enumerate(packing.assign) if at == seed and packing.items[i].movable}
+    if not shapes:
+        return []
+    by_sig: dict[Signature, list[int]] = {}
+    for b in live:
+        if b != seed:
+            by_sig.setdefault(packing.signature(b), []).append(b)
+    scored: list[tuple[float, int]] = []
+    for sig, members in by_sig.items():
+        deltas = [d for d in (join_delta(packing, sig, shape) for shape in shapes) if d is not None]
+        if deltas:
+            scored.extend((min(deltas), b) for b in members[:2])
+    return [b for _, b in sorted(scored)]
 
 
 @dataclass
@@ -579,21 +601,19 @@ def fragment_bound(before: Packing, mnl: int) -> float:
 
 
 def realise(before: Packing, after: Packing) -> tuple[Packing, list[int]]:
-    """Run the migrations from ``before`` towards ``after`` one at a time, each when its target has room,
-    each pod landing on best-fit devices; migrations that cannot be ordered (cycles) are dropped.
-    The search's own order is preferred (replaying greedy's moves reproduces its device choices)."""
+    """Order the migrations from ``before`` towards ``after`` and run them as the executor would.
+
+    The search's own order is kept (replaying greedy's moves reproduces its device choices); a pod
+    whose target has no room yet is evicted first and lands once a later migration makes room
+    (:func:`apply_moves` semantics, e.g. for swaps). Pods land on best-fit devices, since a plan names
+    nodes, not devices.
+    """
     last = {i: k for k, i in enumerate(after.log)}
-    todo = sorted(after.moved(), key=lambda i: (last.get(i, len(last)), i))
-    sim = before.copy()
-    order: list[int] = []
-    while todo:
-        ready = next((i for i in todo if sim.fit(i, after.assign[i]) is not None), None)
-        if ready is None:
-            break
-        sim.move(ready, after.assign[ready])
-        order.append(ready)
-        todo.remove(ready)
-    return sim, order
+    order = sorted(after.moved(), key=lambda i: (last.get(i, len(last)), i))
+    result = before.copy()
+    apply_moves(result, [(after.items[i].name, after.assign[i]) for i in order])
+    moved = set(result.moved())
+    return result, [i for i in order if i in moved]
 
 
 def to_plan(
