@@ -30,7 +30,8 @@ SCENARIO_DIR = Path(__file__).resolve().parent.parent / "examples" / "scenarios"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scenario", action="append", default=None, help="scenario YAML (repeatable; default: bundled)")
+    parser.add_argument("--scenario", action="append", default=None,
+                        help="scenario YAML (repeatable; default: the bundled ones)")
     parser.add_argument("--gpus", type=int, default=10_000, help="GPUs in the scale case (0 skips it)")
     parser.add_argument("--scale-duration", type=float, default=None, help="simulated seconds of the scale case")
     parser.add_argument("--skip-scenarios", action="store_true", help="run only the scale case")
@@ -67,6 +68,9 @@ def run(args: argparse.Namespace) -> list[Case]:
             "pipeline_s_total": sum(c["pipeline_ms"] for c in result.cycles) / 1000,
             "snapshot_s_total": sum(c["snapshot_ms"] for c in result.cycles) / 1000,
         })
+        for stage in ("forecast", "routing", "placement", "moe", "power", "rescheduling"):
+            metrics[f"{stage}_s_total"] = sum(c["stage_ms"].get(stage, 0.0) for c in result.cycles) / 1000
+        metrics["engine_s"] = wall - metrics["pipeline_s_total"] - metrics["snapshot_s_total"]
         cases.append(Case(
             name=f"scale-{args.gpus}gpu-{int(duration // 60)}min",
             params={"gpus": args.gpus, "nodes": sum(p.nodes for p in sc.pools), "deployments": len(sc.deployments),

@@ -139,3 +139,19 @@ def test_cli_bad_scenario_exit_code(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["simulate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml:2: duration_s" in err
+
+
+def test_snapshots_are_valid_domain_files(tmp_path: Path, small: Scenario) -> None:
+    """The fast-built snapshot must equal what validation produces (and load back from its file)."""
+    from policies.snapshot import Snapshot
+
+    seen: list[Snapshot] = []
+    short = small.model_copy(update={"duration_s": 65.0})
+    Simulation(short, short.policies.pipeline(), generate_load(short, 1), 1, on_snapshot=seen.append).run()
+    assert [s.now for s in seen] == [30.0, 60.0]
+    for snap in seen:
+        again = Snapshot.from_json(snap.to_json())
+        assert again == snap
+        assert len(again.gpu_telemetry) == 32 and len(again.nodes) == 4
+        assert all(g.prefill_fraction is not None for g in again.gpu_telemetry)
+        assert {p.deployment for p in again.pods if p.node is not None} == {"big", "small"}

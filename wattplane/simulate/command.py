@@ -6,9 +6,10 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from policies.snapshot import BadInputError
+from policies.snapshot import BadInputError, Snapshot
 from wattplane.datasets import MissingDataError
 from wattplane.simulate.engine import SimResult, Simulation, progress_bar
 from wattplane.simulate.load import generate_load
@@ -25,17 +26,32 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="also run every stage's baseline and a static (all off) fleet")
     parser.add_argument("--data-dir", default=None, help="data directory for data:... paths (default ../shared/data)")
     parser.add_argument("--duration", type=float, default=None, help="override the scenario's duration (s)")
+    parser.add_argument("--dump-snapshots", action="store_true",
+                        help="with --out: write each cycle's snapshot (snapshots/<set>/t<seconds>.json) for "
+                             "`wattplane plan NAME --snapshot FILE`")
 
 
 def simulate(scenario: Scenario, seed: int, compare: str | None = None, base_dir: Path | None = None,
-             data_dir: str | None = None, show_progress: bool = False) -> list[SimResult]:
+             data_dir: str | None = None, show_progress: bool = False, dump_dir: Path | None = None
+             ) -> list[SimResult]:
     """Run every policy set of the scenario on the same load (same seed, same arrivals)."""
     load = generate_load(scenario, seed, base_dir, data_dir)
     results = []
     for name, config in scenario.policy_sets(compare).items():
         bar = progress_bar(f"{scenario.name}/{name}") if show_progress else None
-        results.append(Simulation(scenario, config, load, seed, policy_set=name, progress=bar).run())
+        dump = _dumper(dump_dir / name) if dump_dir is not None else None
+        results.append(Simulation(scenario, config, load, seed, policy_set=name, progress=bar,
+                                  on_snapshot=dump).run())
     return results
+
+
+def _dumper(folder: Path) -> Callable[[Snapshot], None]:
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def dump(snapshot: Snapshot) -> None:
+        (folder / f"t{int(snapshot.now):06d}.json").write_text(snapshot.to_json())
+
+    return dump
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,8 +66,9 @@ def run(args: argparse.Namespace) -> int:
     seed = scenario.seed if args.seed is None else int(args.seed)
     t0 = time.perf_counter()
     try:
+        dump = Path(args.out) / "snapshots" if args.out and args.dump_snapshots else None
         results = simulate(scenario, seed, args.compare, path.parent, args.data_dir,
-                           show_progress=not args.json)
+                           show_progress=not args.json, dump_dir=dump)
     except MissingDataError as exc:
         sys.stderr.write(f"wattplane simulate: {exc}\n")
         return 2

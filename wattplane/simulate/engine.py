@@ -84,7 +84,8 @@ class SimResult:
 class Simulation:
     def __init__(self, scenario: Scenario, pipeline: PipelineConfig, load: LoadSeries, seed: int,
                  policy_set: str = "wattplane", profiles: ProfileTable | None = None,
-                 progress: Callable[[float], None] | None = None, check_invariants: bool = True) -> None:
+                 progress: Callable[[float], None] | None = None, check_invariants: bool = True,
+                 on_snapshot: Callable[[Snapshot], None] | None = None) -> None:
         self.scenario = scenario
         self.pipeline = pipeline
         self.load = load
@@ -94,6 +95,7 @@ class Simulation:
         self.table = profiles or default_table()
         self.progress = progress
         self.check_invariants = check_invariants
+        self.on_snapshot = on_snapshot  # e.g. dump each cycle's snapshot (design §7)
         self.domains = [d.domain() for d in scenario.deployments]
         n_dep, n_pool = len(self.domains), len(scenario.pools)
         # profile per (deployment, pool); None when its weights do not fit there
@@ -320,13 +322,18 @@ class Simulation:
         role = self.gpu_role.tolist()
         caps = [None if math.isnan(c) else c for c in f.cap.tolist()]
         dep_names = [d.name for d in self.domains]
+        util = np.clip(gpu_util, 0.0, 1.0)
+        serving_gpu = self.gpu_role >= 0
+        # prompt-phase share of the interval, as an engine reports it: the deployment's share x utilisation
+        prefill = np.where(serving_gpu, self.prefill_fraction[np.maximum(self.gpu_role, 0), f.gpu_pool] * util, 0.0)
         telemetry = tuple(
             _fast(GPUTelemetry, node=node, index=idx, power_w=pw, utilisation=ut, memory_used_gib=0.0,
                   sm_clock_mhz=0.0, temperature_c=0.0, power_limit_w=cap, energy_j=0.0,
                   deployment=dep_names[ro] if ro >= 0 else None,
-                  priority=self.priority[ro] if ro >= 0 else (PriorityClass.BEST_EFFORT if ro == -2 else None))
-            for node, idx, pw, ut, cap, ro in zip(self._gpu_node_name, self._gpu_local, gpu_power.tolist(),
-                                                  np.clip(gpu_util, 0.0, 1.0).tolist(), caps, role, strict=True)
+                  priority=self.priority[ro] if ro >= 0 else (PriorityClass.BEST_EFFORT if ro == -2 else None),
+                  prefill_fraction=pf)
+            for node, idx, pw, ut, cap, ro, pf in zip(self._gpu_node_name, self._gpu_local, gpu_power.tolist(),
+                                                      util.tolist(), caps, role, prefill.tolist(), strict=True)
         )
         serving = tuple(
             ServingTelemetry(deployment=d.name, requests_per_s=float(window["requests"][i]),
@@ -458,7 +465,9 @@ class Simulation:
                 t0 = time.perf_counter()
                 snapshot = self.build_snapshot(now, window, gpu_power, gpu_util)
                 t1 = time.perf_counter()
-                result = run_pipeline(snapshot, self.pipeline, state)
+                if self.on_snapshot is not None:
+                    self.on_snapshot(snapshot)
+                result = run_pipeline(snapshot, self.pipeline, state, clock=time.perf_counter)
                 t2 = time.perf_counter()
                 state = result.state
                 unavailable.update(result.unavailable)
@@ -469,7 +478,7 @@ class Simulation:
                     fallback_plans += int(plan.explanation.fallback is not None)
                 _add(total, report)
                 cycles.append(_cycle_record(now, result.plans, result.ran, (t1 - t0) * 1000, (t2 - t1) * 1000,
-                                            report))
+                                            report, result.stage_ms))
                 win_start = s
                 if self.check_invariants:
                     violations.extend(f"t={now:.0f}s: {p}" for p in f.check())
@@ -602,14 +611,26 @@ class Simulation:
 _M = TypeVar("_M", bound=BaseModel)
 
 
-def _fast(cls: type[_M], **values: Any) -> _M:
-    """Build a model from trusted, complete values without pydantic's per-field processing.
+_DEFAULTS: dict[type[BaseModel], dict[str, Any]] = {}
 
-    ``model_construct`` costs ~40 us per object; this ~2 us. Callers pass every field.
+
+def _fast(cls: type[_M], **values: Any) -> _M:
+    """Build a model from trusted values without pydantic's per-field processing.
+
+    ``model_construct`` costs ~40 us per object; this a few. Fields the caller leaves out take
+    their declared defaults (so a field added to the domain model later does not break this).
     """
+    defaults = _DEFAULTS.get(cls)
+    if defaults is None:
+        defaults = {name: f.get_default(call_default_factory=True) for name, f in cls.model_fields.items()
+                    if not f.is_required()}
+        _DEFAULTS[cls] = defaults
+    fields_set = set(values)
+    if len(values) < len(cls.model_fields):
+        values = {**defaults, **values}
     obj = cls.__new__(cls)
     object.__setattr__(obj, "__dict__", values)
-    object.__setattr__(obj, "__pydantic_fields_set__", set(values))
+    object.__setattr__(obj, "__pydantic_fields_set__", fields_set)
     object.__setattr__(obj, "__pydantic_extra__", None)
     object.__setattr__(obj, "__pydantic_private__", None)
     return obj
@@ -632,9 +653,9 @@ def _add(total: ApplyReport, r: ApplyReport) -> None:
 
 
 def _cycle_record(now: float, plans: tuple[Plan, ...], ran: tuple[str, ...], snapshot_ms: float,
-                  pipeline_ms: float, report: ApplyReport) -> dict[str, Any]:
+                  pipeline_ms: float, report: ApplyReport, stage_ms: dict[str, float]) -> dict[str, Any]:
     return {
-        "t": now, "ran": list(ran), "snapshot_ms": snapshot_ms, "pipeline_ms": pipeline_ms,
+        "t": now, "ran": list(ran), "snapshot_ms": snapshot_ms, "pipeline_ms": pipeline_ms, "stage_ms": stage_ms,
         "plans": [{"policy": p.policy.value, "actions": len(p.actions), "reason": p.explanation.reason.value,
                    "summary": p.explanation.summary, "solver_status": p.explanation.solver_status.value,
                    "solve_ms": p.explanation.solve_ms, "fallback": p.explanation.fallback} for p in plans],
