@@ -113,6 +113,8 @@ def plan_moe(
             objective=metrics.get(f"{actions[0].deployment}.balancedness_after") if actions else None,
             solver_status=SolverStatus.HEURISTIC if actions else SolverStatus.NOT_RUN,
             solve_ms=solve_s * 1000.0,
+            fallback="copy-aware re-pack" if any(k.endswith(".fallback_layers") and v for k, v in metrics.items())
+            else None,
             metrics=metrics,
         ),
         state=MoEState(last_rebalance_s=last).model_dump(),
@@ -124,7 +126,6 @@ class _Decision(Frozen):
     summary: str
     action: SetExpertPlacement | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
-    solve_s: float = 0.0
 
 
 def _overall_reason(reasons: list[Reason]) -> Reason:
@@ -164,7 +165,7 @@ def _plan_deployment(
         current = np.full((moe.moe_layers, devices, per), EMPTY, dtype=np.int64)
         first = rebalance(w, current, slack=config.slack, light_devices=config.light_devices, revert=False)
         return _emit(dep, w, current, first.slots, [*range(devices)], 0, config, Reason.SCALE_EVENT,
-                     f"{dep.name}: initial placement on {devices} devices", 0.0)
+                     f"{dep.name}: initial placement on {devices} devices")
     cur = np.asarray(placement.phy2log, dtype=np.int64)
     if cur.shape != (moe.moe_layers, placement.devices * placement.slots_per_device):
         return _Decision(reason=Reason.BAD_INPUT, summary=f"{dep.name}: placement shape {cur.shape} does not match")
@@ -189,7 +190,6 @@ def _plan_deployment(
         restore_cap=config.spare_slots, light_devices=config.light_devices, hierarchy=hierarchy,
         polish_s=config.polish_s,
     )
-    solve_s = 0.0
     if reason is Reason.LOAD_DRIFT:
         before = float(balancedness(w, res.carried).mean())
         after = float(balancedness(w, res.slots).mean())
@@ -211,7 +211,8 @@ def _plan_deployment(
                 f"(min {el.min_interval_s:.0f} s)",
             )
     return _emit(dep, w, res.carried, res.slots, origin, placement.version + 1, config, reason,
-                 f"{dep.name}: {what}", solve_s, fallback_layers=len(res.fallback_layers))
+                 f"{dep.name}: {what}", fallback_layers=len(res.fallback_layers),
+                 reference=float(res.reference.mean()))
 
 
 def _emit(
@@ -224,8 +225,8 @@ def _emit(
     config: MoEConfig,
     reason: Reason,
     what: str,
-    solve_s: float,
     fallback_layers: int = 0,
+    reference: float | None = None,
 ) -> _Decision:
     moe = dep.model.moe
     assert moe is not None
@@ -281,6 +282,7 @@ def _emit(
         "rounds": float(len(copy_moves)),
         "within_memory_budget": 1.0 if within else 0.0,
         "fallback_layers": float(fallback_layers),
+        **({"balancedness_reference": reference} if reference is not None else {}),
     }
     summary = (
         f"{what}: {copies} expert copies (lower bound {lb}) in {len(copy_moves)} staged rounds, "
@@ -288,4 +290,6 @@ def _emit(
     )
     if not within:
         summary += "; a round exceeds the spare-memory budget"
-    return _Decision(reason=reason, summary=summary, action=action, metrics=figures, solve_s=solve_s)
+    if fallback_layers:
+        summary += f"; {fallback_layers} layers re-packed from scratch (local moves stalled)"
+    return _Decision(reason=reason, summary=summary, action=action, metrics=figures)

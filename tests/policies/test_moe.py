@@ -307,3 +307,33 @@ def test_two_slots_per_device_matches_reference_balance() -> None:
     ours = copies_per_device(res.carried, res.slots, 24).sum()
     eplb = copies_per_device(res.carried, eplb_reference(w1, 16, 2), 24).sum()
     assert ours < eplb
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    experts=st.integers(4, 24),
+    devices=st.integers(2, 8),
+    extra=st.integers(0, 3),
+    fresh=st.integers(0, 3),
+    drop=st.integers(0, 2),
+)
+def test_rebalance_any_group_change(seed: int, experts: int, devices: int, extra: int, fresh: int, drop: int) -> None:
+    """Any drift / scale / failure on small random shapes: valid, restores lost experts, copies >= bound."""
+    rng = np.random.default_rng(seed)
+    per = min(experts, -(-experts // devices) + extra)
+    w0 = rng.lognormal(0, 1, size=(2, experts)) * 100
+    start = rebalance(w0, np.full((2, devices, per), -1, dtype=np.int64)).slots
+    dropped = set(rng.choice(devices, size=min(drop, devices - 1), replace=False).tolist())
+    survivors = [g for g in range(devices) if g not in dropped]
+    new_devices = len(survivors) + fresh
+    new_per = min(experts, max(per, -(-experts // new_devices)))
+    origin: list[int | None] = [*survivors, *([None] * fresh)]
+    w1 = w0 * rng.lognormal(0, 0.5, size=w0.shape)
+    res = rebalance(w1, start, device_origin=origin, slots_per_device=new_per)
+    assert_valid(res.slots, experts)
+    copies = copies_per_device(res.carried, res.slots, experts).sum(-1)
+    assert (copies >= copy_lower_bound(res.carried, experts)).all()
+    for layer in range(2):
+        staged = stage_layer(res.carried[layer], res.slots[layer], 1)
+        assert [set(r.tolist()) for r in staged.final] == [set(r.tolist()) for r in res.slots[layer]]
