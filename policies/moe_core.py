@@ -5,13 +5,20 @@ The engine splits an expert's tokens evenly over its replicas, so a device's loa
 EPLB recomputes a placement from scratch, which rewrites almost every slot on any change. Here
 the current placement is the starting point:
 
-1. *carry over*: surviving devices keep their experts (new devices and new slots start empty);
-2. *repair*: experts lost with removed or failed devices are restored first, then empty slots are
-   filled, each choice taken by the exact resulting max device load;
-3. *improve*: one-copy moves (give an expert of the hottest device a new replica on a light device,
-   in place of a redundant replica there) and two-copy swaps, best gain per copy first, all layers
-   advanced together, until the layer reaches the target balancedness or no move helps;
-4. *revert*: greedily undo changes that are no longer needed to stay at the target.
+1. *carry over*: surviving devices keep their experts (new devices and new slots start empty; a
+   second replica of an expert on one device counts as an empty slot);
+2. *count repair*: when an expert's per-replica load alone exceeds the target max device load,
+   surplus replicas of other experts are freed so it can gain replicas (few slots per device);
+3. *repair*: experts lost with removed or failed devices are restored first, then empty slots are
+   filled, each choice scored exactly over all devices;
+4. *improve*: one-copy moves (give an expert of the hottest device a new replica in place of a
+   redundant replica on a light device) and two-copy swaps with any device, ranked by load above
+   the target removed per copy, all layers advanced together, until the layer reaches its target
+   or no move helps;
+5. *revert*: greedily undo changes that are no longer needed to stay at the target;
+6. *re-pack*: a layer still short of its target is packed EPLB-style from scratch, but keeping a
+   replica where its expert already is whenever that fits under the target (or EPLB relabelled,
+   whichever meets the target with fewer copies); optional CP-SAT polish: :mod:`policies.moe_polish`.
 
 The target is a from-scratch reference (EPLB on the same loads) minus a small slack, so we trade a
 negligible balance difference for far fewer copies. Device sets are returned; slot positions are
