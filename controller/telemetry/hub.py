@@ -17,7 +17,7 @@ import asyncio
 import itertools
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -151,17 +151,20 @@ class TelemetryHub:
         )
         return grpc.method_handlers_generic_handler(SERVICE, {"Connect": method})
 
-    async def _connect(self, request_iterator: object, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+    async def _connect(
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> None:
+        messages = aiter(request_iterator)
         session: _Session | None = None
         writer: asyncio.Task[None] | None = None
         try:
             identity = await self._authenticate(context)
-            hello = await self._read_hello(context, identity)
+            hello = await self._read_hello(messages, identity)
             session = self._open_session(hello, identity)
             await context.write(self._welcome(hello))
             writer = asyncio.create_task(self._write_loop(session, context))
             self._resend_pending(session)
-            await self._read_loop(session, context)
+            await self._read_loop(session, messages)
         except Rejected as exc:
             self.rejected[exc.reason.value] += 1
             await context.abort(exc.status, str(exc))
@@ -178,9 +181,9 @@ class TelemetryHub:
             raise Rejected(RejectReason.UNAUTHENTICATED, "missing or invalid bearer token")
         return identity
 
-    async def _read_hello(self, context: grpc.aio.ServicerContext[bytes, bytes], identity: Identity) -> pb.NodeHello:
-        raw = await context.read()
-        if raw is grpc.aio.EOF:
+    async def _read_hello(self, messages: AsyncIterator[bytes], identity: Identity) -> pb.NodeHello:
+        raw = await anext(messages, None)
+        if raw is None:
             raise Rejected(RejectReason.PROTOCOL, "stream closed before NodeHello")
         msg = self._parse(raw)
         if msg.WhichOneof("body") != "hello":
@@ -192,13 +195,12 @@ class TelemetryHub:
             )
         return msg.hello
 
-    async def _read_loop(self, session: _Session, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+    async def _read_loop(self, session: _Session, messages: AsyncIterator[bytes]) -> None:
         state = self.nodes[session.node]
         bounds = ReportBounds(state.hello)
         lag = self.lag
-        while True:
-            raw = await context.read()
-            if raw is grpc.aio.EOF or session.superseded:
+        async for raw in messages:
+            if session.superseded:
                 return
             msg = self._parse(raw)
             kind = msg.WhichOneof("body")
