@@ -112,8 +112,7 @@ def eplb_slots(loads: np.ndarray, shape: Shape, devices: int, per: int, hierarch
 
 
 def score(
-    method: str, loads: np.ndarray, next_loads: np.ndarray, before: np.ndarray, after: np.ndarray,
-    shape: Shape, seconds: float,
+    loads: np.ndarray, next_loads: np.ndarray, before: np.ndarray, after: np.ndarray, shape: Shape, seconds: float,
 ) -> Metrics:
     b = balancedness(loads, after)
     bn = balancedness(next_loads, after)
@@ -186,7 +185,7 @@ def drift_case(
         for method in methods:
             carried = carry_over(current[method], origin, per)
             slots, secs, cpu, fb = plan_with(method, loads, current[method], origin, shape, devices, per, args.polish_s)
-            rows[method].append(score(method, loads, next_loads, carried, slots, shape, secs))
+            rows[method].append(score(loads, next_loads, carried, slots, shape, secs))
             rows[method][-1]["fallback_layers"] = fb
             rows[method][-1]["solve_cpu_s"] = cpu
             current[method] = slots
@@ -218,7 +217,7 @@ def event_case(
     metrics: dict[str, Metrics] = {}
     for method in methods_for(shape, new_devices):
         slots, secs, cpu, fb = plan_with(method, loads, start, origin, shape, new_devices, new_per, args.polish_s)
-        metrics[method] = score(method, loads, next_loads, carried, slots, shape, secs)
+        metrics[method] = score(loads, next_loads, carried, slots, shape, secs)
         metrics[method]["fallback_layers"] = fb
         metrics[method]["solve_cpu_s"] = cpu
         metrics[method]["copies_lower_bound"] = lb
