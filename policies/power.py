@@ -13,8 +13,13 @@ prediction stays a further ``release_hysteresis`` of the budget below the target
 cap has been held ``min_hold_s``. The per-GPU demand estimate and the domain's volatility live in
 :class:`PowerState`, threaded through ``Plan.state``.
 
+Phases: when the engine reports the prompt-phase share of the interval (``prefill_fraction``), a
+GPU's draw splits into prompt passes (~TDP) and a token phase; a cap between the two clips only
+the prompt bursts — cheap power, little latency — and the policy can see that. Without the share,
+the whole draw is treated as token phase (caps then save only below the average draw).
+
 Why a cap level and not "who": a GPU pinned at its cap hides its true demand, so the state keeps
-the last unpinned reading; an unknown pinned GPU is assumed to want its maximum power.
+a smoothed unpinned token-phase draw; an unknown pinned GPU is assumed to want its maximum power.
 """
 
 from __future__ import annotations
@@ -27,7 +32,14 @@ from ortools.sat.python import cp_model
 from pydantic import Field
 
 from policies.plan import Explanation, Plan, PolicyName, Reason, SetPowerCap, SolverStatus
-from policies.power_model import clock_for_cap, legal_cap_w, load_from_power, phase_speed
+from policies.power_model import (
+    PROMPT_POWER_FRACTION,
+    clock_for_cap,
+    legal_cap_w,
+    load_from_power,
+    mix_power_w,
+    mix_speed,
+)
 from policies.snapshot import AcceleratorSpec, Fraction, Frozen, NonNegFloat, PowerDomain, PriorityClass, Snapshot
 
 Clock = Callable[[], float]
@@ -47,16 +59,18 @@ class PowerConfig(Frozen):
     queue_aware: bool = True  # weigh a cap's slowdown by how close the GPU runs to saturation
     max_load: Fraction = 0.9  # loads above this read as this (keeps the queueing factor finite)
     max_penalty: NonNegFloat = 20.0  # cost of a cap that slows a GPU below its load (its queue grows)
-    cap_cost: NonNegFloat = 0.01  # per capped GPU: prefer fewer, deeper caps (fewer commands, fewer GPUs hurt)
+    cap_cost: NonNegFloat = 0.2  # per capped GPU: prefer fewer, deeper caps (fewer commands, fewer GPUs hurt)
     change_cost: NonNegFloat = 0.005  # per changed GPU: against churn between cycles
-    release_hysteresis: Fraction = 0.02  # x budget: raise caps only this far below the target
+    release_hysteresis: Fraction = 0.01  # x budget: raise caps only this far below the target
     min_hold_s: NonNegFloat = 5.0  # a cap stays at least this long before it is raised
     volatility_k: NonNegFloat = 2.0  # allowance = k x EWMA of the domain's upward swings per cycle
     volatility_alpha: Fraction = 0.1  # EWMA weight of the newest swing
     history: int = Field(default=60, ge=1)  # draws kept in state for the status percentiles
+    demand_alpha: Fraction = 0.3  # EWMA weight of the newest unpinned draw in a GPU's remembered demand
     pinned_tolerance: Fraction = 0.03  # a reading within this share of its limit is "pinned at the cap"
     frequency_lock: bool = False  # also send the SM clock that realises the cap (POLCA's lever)
-    time_limit_s: NonNegFloat = 0.1  # CP-SAT wall-time limit per domain (greedy + model build stay within 200 ms)
+    time_limit_s: NonNegFloat = 0.02  # CP-SAT deterministic-time limit per domain (its work units, ~s of one core)
+    wall_limit_s: NonNegFloat = 0.15  # wall-clock backstop for a starved machine (may then break determinism)
     polish_gap: NonNegFloat = 0.01  # run CP-SAT only when the greedy's relative gap exceeds this
     use_solver: bool = True
 
@@ -64,7 +78,7 @@ class PowerConfig(Frozen):
 class GPUMemory(Frozen):
     """What the policy remembers about one GPU between cycles."""
 
-    demand_w: NonNegFloat  # last draw seen while not pinned at a cap (its uncapped demand)
+    demand_w: NonNegFloat  # EWMA of the token-phase draw seen while not pinned at a cap (its uncapped demand)
     capped_since: float | None = None  # snapshot.now when the current cap was first set
 
 
@@ -94,8 +108,31 @@ class GPUView:
     priority: PriorityClass
     reading_w: float
     current_cap_w: float | None  # None: uncapped (no limit, or limit at max)
-    demand_w: float  # predicted draw if uncapped next cycle
-    pinned: bool
+    token_w: float  # predicted token-phase draw if uncapped next cycle (the whole draw when phases are unknown)
+    pinned: bool  # the token phase reads at the cap: its demand is hidden
+    prefill: float = 0.0  # share of time in prompt passes (0 when unknown)
+    prompt_w: float = 0.0  # prompt-phase draw if uncapped
+
+    @property
+    def demand_w(self) -> float:
+        """Predicted average draw if uncapped."""
+        return mix_power_w(self.prefill, self.prompt_w, self.token_w)
+
+    @property
+    def peak_w(self) -> float:
+        """The highest phase draw: caps at or above it change nothing."""
+        return max(self.token_w, self.prompt_w if self.prefill > 0 else 0.0)
+
+    def power_at(self, cap: float | None) -> float:
+        return mix_power_w(self.prefill, self.prompt_w, self.token_w, cap)
+
+    def speed_at(self, cap: float | None) -> float:
+        return mix_speed(self.prefill, self.prompt_w, self.token_w, cap)
+
+    @property
+    def load(self) -> float:
+        """Busy-ness 0..1: prompt time plus the token phase's load read off its draw."""
+        return self.prefill + (1 - self.prefill) * load_from_power(self.spec, self.token_w)
 
 
 @dataclass(frozen=True)
@@ -135,7 +172,7 @@ def plan_power(
     """Caps for every power domain; GPUs outside any domain are left alone."""
     start = clock() if clock else None
     results = [_plan_domain(snapshot, d, config, state) for d in snapshot.power_domains]
-    new_state = _next_state(snapshot, state, results)
+    new_state = _next_state(snapshot, state, results, config)
     actions = [a for r in results for a in _actions(r, config)]
     solve_ms = sum(r.solution.solve_ms for r in results)
     if clock and start is not None:
@@ -173,16 +210,25 @@ def domain_gpus(
         key = f"{t.node}/{t.index}"
         cap = legal_cap_w(spec, t.power_limit_w)
         current = cap if cap is not None and cap < spec.max_power_w - 1e-6 else None
-        pinned = current is not None and t.power_w >= current * (1 - pinned_tolerance)
         memory = state.gpus.get(key)
-        # A GPU pinned at its cap hides its demand: trust the last unpinned reading, else assume the worst.
-        demand = max(t.power_w, memory.demand_w if memory else spec.max_power_w) if pinned else t.power_w
+        prefill = t.prefill_fraction or 0.0
+        prompt_w = min(PROMPT_POWER_FRACTION * spec.tdp_w, spec.max_power_w)
+        # Split the reading: prompt passes drew min(prompt_w, cap); the rest is the token phase.
+        clipped_prompt = prompt_w if current is None else min(prompt_w, current)
+        if prefill >= 1.0:
+            token = memory.demand_w if memory else spec.idle_fraction * spec.tdp_w
+        else:
+            token = max(0.0, (t.power_w - prefill * clipped_prompt) / (1.0 - prefill))
+        pinned = current is not None and token >= current * (1 - pinned_tolerance)
+        # A token phase pinned at its cap hides its demand: trust the remembered draw, else assume the worst.
+        if pinned:
+            token = max(token, memory.demand_w if memory else spec.max_power_w)
         priority = t.priority
         if priority is None and t.deployment in deployments:
             priority = deployments[t.deployment].priority
         views.append(
             GPUView(key, t.node, t.index, spec, priority or PriorityClass.STANDARD, t.power_w, current,
-                    min(demand, spec.max_power_w), pinned)
+                    min(token, spec.max_power_w), pinned, prefill, prompt_w)
         )
     for n in snapshot.nodes:  # GPUs that report nothing: assume their worst case
         if n.name in members:
@@ -207,7 +253,8 @@ def cap_levels(spec: AcceleratorSpec, config: PowerConfig) -> tuple[float, ...]:
 
 
 def options_for(
-    g: GPUView, config: PowerConfig, allow_lower: bool, now: float, memory: GPUMemory | None
+    g: GPUView, config: PowerConfig, allow_lower: bool, now: float, memory: GPUMemory | None,
+    levels: tuple[float, ...] | None = None,
 ) -> list[Option]:
     """A GPU's choices: uncapped, each level below its demand, and its current cap.
 
@@ -216,16 +263,16 @@ def options_for(
     """
     w = _weight(config, g.priority)
 
-    rho = min(load_from_power(g.spec, g.demand_w), config.max_load) if config.queue_aware else 0.0
+    rho = min(g.load, config.max_load) if config.queue_aware else 0.0
 
     def cost(cap: float | None) -> float:
-        loss = w * slowdown_cost(phase_speed(g.demand_w, cap), rho, config.max_penalty, config.queue_aware)
+        loss = w * slowdown_cost(g.speed_at(cap), rho, config.max_penalty, config.queue_aware)
         return loss + (config.cap_cost if cap is not None else 0.0) + (
             config.change_cost if cap != g.current_cap_w else 0.0
         )
 
     def power(cap: float | None) -> float:
-        return g.demand_w if cap is None else min(g.demand_w, cap)
+        return g.power_at(cap)
 
     held = (
         g.current_cap_w is not None
@@ -234,7 +281,7 @@ def options_for(
         and now - memory.capped_since < config.min_hold_s
     )
     caps: list[float | None] = [None]
-    caps += [c for c in cap_levels(g.spec, config) if c < g.demand_w]
+    caps += [c for c in (levels if levels is not None else cap_levels(g.spec, config)) if c < g.peak_w]
     if g.current_cap_w is not None and g.current_cap_w not in caps:
         caps.append(g.current_cap_w)
     if not allow_lower:
@@ -356,8 +403,11 @@ def solve(
     sub = [options[i] for i in free]
     model, pick = build_model(sub, capacity_w - fixed_w, tuple(greedy.choice[i] for i in free))
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = config.time_limit_s
-    solver.parameters.num_workers = 1  # deterministic, and the machine is shared
+    # Same input -> same plan: the binding limit is CP-SAT's deterministic time (work units, ~seconds on
+    # one core), not wall time; the wall limit is only a backstop for a starved machine.
+    solver.parameters.max_deterministic_time = config.time_limit_s
+    solver.parameters.max_time_in_seconds = config.wall_limit_s
+    solver.parameters.num_workers = 1
     status = solver.solve(model)
     solve_ms = solver.wall_time * 1000.0
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
@@ -391,7 +441,9 @@ def _plan_domain(snapshot: Snapshot, domain: PowerDomain, config: PowerConfig, s
         mode, capacity, allow_lower = "tighten", target - fixed_w, True
     else:
         mode, capacity, allow_lower = "release", target - config.release_hysteresis * domain.budget_w - fixed_w, False
-    options = [options_for(g, config, allow_lower, snapshot.now, state.gpus.get(g.key)) for g in gpus]
+    levels = {g.spec: cap_levels(g.spec, config) for g in gpus}  # computed once per distinct device spec
+    options = [options_for(g, config, allow_lower, snapshot.now, state.gpus.get(g.key), levels[g.spec])
+               for g in gpus]
     solution = solve(options, capacity, config)
     if mode == "release" and not solution.feasible:
         # Not enough room to raise anything without losing the hysteresis band: keep every cap.
@@ -409,7 +461,7 @@ def _plan_domain(snapshot: Snapshot, domain: PowerDomain, config: PowerConfig, s
 
 
 def _predict(g: GPUView, cap: float | None) -> float:
-    return g.demand_w if cap is None else min(g.demand_w, cap)
+    return g.power_at(cap)
 
 
 def _domain_memory(
@@ -431,7 +483,9 @@ def _domain_memory(
                         recent_draw_w=recent)
 
 
-def _next_state(snapshot: Snapshot, state: PowerState, results: list[DomainResult]) -> PowerState:
+def _next_state(
+    snapshot: Snapshot, state: PowerState, results: list[DomainResult], config: PowerConfig
+) -> PowerState:
     gpus: dict[str, GPUMemory] = {}
     for r in results:
         for g, cap in zip(r.gpus, r.caps, strict=True):
@@ -440,7 +494,11 @@ def _next_state(snapshot: Snapshot, state: PowerState, results: list[DomainResul
             if cap is not None:
                 same = g.current_cap_w is not None and old is not None and old.capped_since is not None
                 since = old.capped_since if same and old is not None else snapshot.now
-            demand = g.demand_w if not g.pinned else max(g.demand_w, old.demand_w if old else 0.0)
+            if g.pinned:
+                demand = max(g.token_w, old.demand_w if old else 0.0)
+            else:  # smoothed, so one high second does not stick to a GPU that then gets capped
+                demand = g.token_w if old is None else (
+                    config.demand_alpha * g.token_w + (1 - config.demand_alpha) * old.demand_w)
             gpus[g.key] = GPUMemory(demand_w=demand, capped_since=since)
     domains = {r.domain.name: r.memory for r in results}
     return PowerState(gpus=gpus, domains=domains)

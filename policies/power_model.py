@@ -124,6 +124,24 @@ def phase_speed(demand_w: float, cap_w: float | None) -> float:
     return float((cap_w / demand_w) ** CAP_SPEED_EXPONENT)
 
 
+def mix_power_w(prefill_fraction: float, prompt_w: float, token_w: float, cap_w: float | None = None) -> float:
+    """Average draw of a prompt/token mix whose phases draw ``prompt_w`` / ``token_w``, each clipped at a cap.
+
+    A cap above the average but below the prompt phase still saves power: it clips the prompt
+    bursts (POLCA's and Splitwise's observation), which an average-only model cannot see.
+    """
+    p = _unit(prefill_fraction)
+    if cap_w is None:
+        return p * prompt_w + (1 - p) * token_w
+    return p * min(prompt_w, cap_w) + (1 - p) * min(token_w, cap_w)
+
+
+def mix_speed(prefill_fraction: float, prompt_w: float, token_w: float, cap_w: float | None) -> float:
+    """Relative throughput of that mix under a cap: each phase's time stretched by its own slowdown."""
+    p = _unit(prefill_fraction)
+    return 1.0 / (p / phase_speed(prompt_w, cap_w) + (1 - p) / phase_speed(token_w, cap_w))
+
+
 def throughput_fraction(
     spec: AcceleratorSpec,
     cap_w: float | None,

@@ -263,3 +263,17 @@ def test_light_gpu_is_capped_before_a_saturated_one() -> None:
     assert set(caps_of(plan)) == {"n0"}
     blind = plan_power(make_snapshot([450.0, 690.0], budget_w=1130.0), PowerConfig(queue_aware=False), PowerState())
     assert "n1" in caps_of(blind)  # throughput-only costs pick the busy GPU (fewest watts lost per unit speed)
+
+
+def test_known_prompt_share_lets_a_cap_above_the_average_clip_prompt_bursts() -> None:
+    # 30% prompt passes at 700 W and a 430 W token phase average 511 W; shedding ~40 W needs no
+    # cap below the average when the policy knows the split: clipping the bursts is enough.
+    draw = 0.3 * 700.0 + 0.7 * 430.0
+    snap = make_snapshot([draw], budget_w=(draw - 40.0) / 0.95)
+    tel = snap.gpu_telemetry[0].model_copy(update={"prefill_fraction": 0.3})
+    phased = plan_power(snap.model_copy(update={"gpu_telemetry": (tel,)}), PowerConfig(volatility_k=0), PowerState())
+    blind = plan_power(snap, PowerConfig(volatility_k=0), PowerState())
+    phased_cap = caps_of(phased)["n0"]
+    blind_cap = caps_of(blind)["n0"]
+    assert phased_cap is not None and phased_cap > draw
+    assert blind_cap is not None and blind_cap < draw

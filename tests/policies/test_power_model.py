@@ -18,6 +18,8 @@ from policies.power_model import (
     legal_cap_w,
     load_from_power,
     max_clock_mhz,
+    mix_power_w,
+    mix_speed,
     phase_speed,
     throughput_fraction,
 )
@@ -115,3 +117,12 @@ def test_load_from_power_inverts_the_token_curve(u: float) -> None:
 def test_load_from_power_saturates_at_the_ends() -> None:
     assert load_from_power(H100, 0.0) == 0.0
     assert load_from_power(H100, H100.tdp_w) == 1.0
+
+
+@given(p=fractions, cap=caps)
+def test_mix_model_matches_gpu_power_and_is_capped(p: float, cap: float) -> None:
+    token = gpu_power_w(H100, 0.0, 0.3)
+    assert mix_power_w(p, H100.tdp_w, token, cap) <= cap + 1e-9
+    assert mix_power_w(p, H100.tdp_w, token) == pytest.approx(gpu_power_w(H100, p, 0.3))
+    assert 0 < mix_speed(p, H100.tdp_w, token, cap) <= 1.0
+    assert mix_speed(p, H100.tdp_w, token, None) == 1.0
