@@ -68,7 +68,7 @@ from policies.profiles import ProfileTable, default_table
 from policies.snapshot import Frozen, NonNegFloat, NonNegInt, PosFloat, PosInt, Snapshot
 
 Clock = Callable[[], float]
-COST_SCALE = 1_000_000  # CP-SAT works in integers: $1/h = 10^6 units (keeps small prices exact)
+COST_SCALE = 100_000_000  # CP-SAT works in integers: $1/h = 10^8 units (small prices stay exact to ~1e-4)
 CAP_SCALE = 100  # capacities and need in 1/100 tokens/s
 POWER_SCALE = 10  # watts in 1/10 W
 

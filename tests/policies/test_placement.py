@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import policies.placement as placement
@@ -193,6 +193,10 @@ def _brute_force(inst: Any, limit: int = 5) -> float:
     return best
 
 
+# each example solves and brute-forces a fleet: shrinking a failure would take minutes, and the
+# failing parameters are printed as they are
+NO_SHRINK = (Phase.explicit, Phase.reuse, Phase.generate)
+
 small_fleets = st.fixed_dictionaries({
     "nodes": st.lists(st.integers(0, 1), min_size=3, max_size=3),
     "out": st.lists(st.floats(0, 12000), min_size=2, max_size=2),
@@ -220,7 +224,7 @@ def _fleet(params: dict[str, Any]) -> Snapshot:
     )
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, phases=NO_SHRINK)
 @given(small_fleets)
 def test_property_limits_bounds_and_optimality(params: dict[str, Any]) -> None:
     """Every plan respects capacity, bounds and budgets; bound <= brute-force optimum <= plan objective."""
@@ -236,12 +240,12 @@ def test_property_limits_bounds_and_optimality(params: dict[str, Any]) -> None:
         check_limits(snap, plan)
         assert ex.bound <= opt + 1e-6 * max(1.0, opt)
         assert ex.objective >= opt - 1e-6 * max(1.0, opt)
-        # small instances get CP-SAT: the plan is optimal
-        assert ex.objective == pytest.approx(opt, rel=1e-6, abs=1e-6)
+        # small instances get CP-SAT: the plan is optimal, up to CP-SAT's integer scaling of costs
+        assert ex.objective == pytest.approx(opt, rel=1e-4, abs=1e-6)
     assert plan_placement(snap, PlacementConfig(polish_gap=0.0)).id == plan.id
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20, deadline=None, phases=NO_SHRINK)
 @given(small_fleets)
 def test_property_decomposition_without_cpsat(params: dict[str, Any]) -> None:
     """The large-instance path alone (no CP-SAT): valid limits and a valid bound."""
