@@ -2,10 +2,11 @@
 
 Per PowerDomain, from the latest per-GPU telemetry (draw, current limit, priority of what runs on
 it), pick one discrete cap level per GPU so that predicted domain power stays at or below
-``budget * (1 - safety_margin)`` minus a volatility allowance, minimising weighted throughput loss
-(best-effort GPUs are cheap to cap, latency-critical ones very expensive). The structure is a
-multiple-choice knapsack: each GPU picks one option (uncapped or a level), options cost throughput
-(from the phase power model's concave speed-vs-cap curve) and save watts. Its LP relaxation is
+``budget * (1 - safety_margin)`` minus a volatility allowance, minimising weighted slowdown
+(best-effort GPUs are cheap to cap, latency-critical ones very expensive): a cap's throughput loss
+(the phase power model's concave speed-vs-cap curve) amplified by queueing on busy GPUs, plus a
+fixed cost per capped GPU so that few GPUs carry the caps. The structure is a multiple-choice
+knapsack: each GPU picks one option (uncapped or a level); options cost slowdown and save watts. Its LP relaxation is
 solved exactly by a greedy over each GPU's convex hull of (watts saved, cost) — that gives both a
 feasible integer plan and a lower bound; CP-SAT (hinted with the greedy plan, time-limited) polishes
 only when the gap is worth it. Releasing caps uses hysteresis: caps are raised only while the
@@ -18,7 +19,7 @@ GPU's draw splits into prompt passes (~TDP) and a token phase; a cap between the
 the prompt bursts — cheap power, little latency — and the policy can see that. Without the share,
 the whole draw is treated as token phase (caps then save only below the average draw).
 
-Why a cap level and not "who": a GPU pinned at its cap hides its true demand, so the state keeps
+Hidden demand: a GPU pinned at its cap hides its true demand, so the state keeps
 a smoothed unpinned token-phase draw; an unknown pinned GPU is assumed to want its maximum power.
 """
 
@@ -258,11 +259,10 @@ def options_for(
 ) -> list[Option]:
     """A GPU's choices: uncapped, each level below its demand, and its current cap.
 
-    ``allow_lower=False`` (release mode) keeps only caps at or above the current one, and a cap
-    younger than ``min_hold_s`` may not move at all.
+    ``allow_lower=False`` (release mode) keeps only caps at or above the current one; a cap
+    younger than ``min_hold_s`` may only go deeper, never up (hysteresis in time).
     """
     w = _weight(config, g.priority)
-
     rho = min(g.load, config.max_load) if config.queue_aware else 0.0
 
     def cost(cap: float | None) -> float:
