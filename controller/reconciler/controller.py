@@ -38,6 +38,7 @@ FINALIZER = "wattplane.io/cleanup"
 MANAGED_SELECTOR = f"{r.MANAGED_BY}={r.MANAGED_BY_VALUE}"
 MD = "md:"
 POOL = "pool:"
+POOL_STATUS_DELAY_S = 1.0
 
 
 def iso_now(wall: float) -> str:
@@ -52,6 +53,13 @@ def _node_fingerprint(node: Mapping[str, Any] | None) -> tuple[Any, ...]:
     return (tuple(sorted((node["metadata"].get("labels") or {}).items())),
             (status.get("allocatable") or {}).get(r.GPU_RESOURCE), conds.get("Ready"),
             (node.get("spec") or {}).get("unschedulable"))
+
+
+def _plan_input(obj: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The parts of an owned object the snapshot (and so the plan) depends on."""
+    spec = obj.get("spec") or {}
+    return (obj["metadata"].get("labels"), spec.get("replicas"), spec.get("nodeName"),
+            bool(obj["metadata"].get("deletionTimestamp")), (obj.get("status") or {}).get("phase"))
 
 
 def _owner(obj: Mapping[str, Any]) -> str | None:
@@ -133,7 +141,8 @@ class Controller:
     def _on_owned(self, kind: str, new: dict[str, Any] | None, old: dict[str, Any] | None) -> None:
         obj = new or old
         assert obj is not None
-        self._bump()
+        if new is None or old is None or _plan_input(new) != _plan_input(old):
+            self._bump()  # readiness alone changes status, not the plan: no need to re-plan
         owner = _owner(obj)
         if owner is None:
             name = (obj["metadata"].get("labels") or {}).get(r.L_DEPLOYMENT)
@@ -141,9 +150,9 @@ class Controller:
                 owner = convert.deployment_key(obj["metadata"]["namespace"], name)
         if owner is not None:
             self.queue.add(MD + owner)
-        if obj["kind"] == "Pod":
+        if obj["kind"] == "Pod":  # pool status counts allocated devices: refresh it, at most once a second
             for pool in self.informers["AcceleratorPool"].items():
-                self.queue.add(POOL + pool["metadata"]["name"])
+                self.queue.add_after(POOL + pool["metadata"]["name"], POOL_STATUS_DELAY_S)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self, sync_timeout_s: float = 60.0) -> None:

@@ -68,6 +68,7 @@ class WorkQueue:
         self._dirty: set[str] = set()
         self._processing: set[str] = set()
         self._delayed: list[tuple[float, int, str]] = []  # (due, seq, key)
+        self._due: dict[str, float] = {}  # earliest due time of each delayed key (one heap entry counts)
         self._seq = 0
         self._shutdown = False
 
@@ -89,8 +90,12 @@ class WorkQueue:
             self.add(key)
             return
         with self._cond:
+            due = self._clock() + delay_s
+            if self._due.get(key, float("inf")) <= due:
+                return  # already scheduled no later than this: adding again would only repeat work
+            self._due[key] = due
             self._seq += 1
-            heapq.heappush(self._delayed, (self._clock() + delay_s, self._seq, key))
+            heapq.heappush(self._delayed, (due, self._seq, key))
             self._cond.notify()
 
     def add_rate_limited(self, key: str) -> float:
@@ -113,7 +118,10 @@ class WorkQueue:
         """Move due delayed keys into the queue; return seconds until the next one is due."""
         now = self._clock()
         while self._delayed and self._delayed[0][0] <= now:
-            _, _, key = heapq.heappop(self._delayed)
+            due, _, key = heapq.heappop(self._delayed)
+            if self._due.get(key) != due:
+                continue  # superseded by an earlier entry for the same key, which already fired
+            del self._due[key]
             self._add_locked(key)
         return self._delayed[0][0] - now if self._delayed else None
 
@@ -157,4 +165,4 @@ class WorkQueue:
     def depth(self) -> int:
         """Keys waiting now or later (what the queue-depth metric reports)."""
         with self._cond:
-            return len(self._order) + len(self._delayed)
+            return len(self._order) + len(self._due)

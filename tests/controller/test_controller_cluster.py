@@ -37,7 +37,9 @@ def _uid() -> str:
 
 
 @pytest.fixture
-def start_controller(test_cluster: TestCluster, kube: Kube, tmp_path: Path) -> Iterator[Callable[..., ControllerProcess]]:
+def start_controller(
+    test_cluster: TestCluster, kube: Kube, tmp_path: Path
+) -> Iterator[Callable[..., ControllerProcess]]:
     """Start controllers sharing one Lease (unique to the test); stop them all afterwards."""
     lease = f"wattplane-test-{_uid()}"
     procs: list[ControllerProcess] = []

@@ -100,3 +100,18 @@ def test_shutdown_wakes_blocked_workers() -> None:
     q.shutdown()
     t.join(5)
     assert not t.is_alive() and len(errors) == 1
+
+
+def test_delayed_adds_of_one_key_collapse_to_the_earliest() -> None:
+    clock = FakeClock()
+    q = WorkQueue(clock=clock)
+    for delay in (3.0, 1.0, 2.0, 1.5):
+        q.add_after("pool", delay)
+    assert q.depth() == 1
+    clock.t += 1.0
+    assert drain(q) == ["pool"]
+    clock.t += 5.0
+    assert drain(q) == []  # the later entries were not queued again
+    q.add_after("pool", 1.0)
+    clock.t += 1.0
+    assert drain(q) == ["pool"]
