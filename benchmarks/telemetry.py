@@ -166,6 +166,7 @@ async def _hub_main(conn: Connection, method: str) -> None:
                     "reports": n - n0,
                     "wall": wall,
                     "cpu_pct": 100.0 * (time.process_time() - cpu0) / wall,
+                    "cpu_s": time.process_time() - cpu0,
                     "lag_p50_ms": percentile(samples, 50),
                     "lag_p99_ms": percentile(samples, 99),
                     "lag_samples": len(samples),
@@ -249,6 +250,7 @@ async def _generator_main(conn: Connection, port: int, names: list[str], per_cha
                 {
                     "sent": sent[0] - sent0,
                     "cpu_pct": 100.0 * (time.process_time() - cpu0) / wall,
+                    "cpu_s": time.process_time() - cpu0,
                     "slip_p99_ms": 1000 * percentile(slips, 99),
                     "failures": failures[0],
                 }
@@ -316,6 +318,9 @@ def measure(method: str, nodes: int, args: argparse.Namespace, warmup: float, wi
         "lag_p99_ms": round(h["lag_p99_ms"], 2),
         "hub_cpu_pct": round(h["cpu_pct"], 1),
         "generator_cpu_pct": round(sum(g["cpu_pct"] for g in gs), 1),
+        # CPU cost per report: what the machine's load does not change much (unlike the lag)
+        "hub_cpu_us_per_report": round(1e6 * h["cpu_s"] / max(1, h["reports"]), 1),
+        "generator_cpu_us_per_report": round(1e6 * sum(g["cpu_s"] for g in gs) / max(1, sum(g["sent"] for g in gs)), 1),
         "generator_slip_p99_ms": round(max(g["slip_p99_ms"] for g in gs), 2),
         "stream_failures": sum(g["failures"] for g in gs),
         "sustained": 1.0 if sustained else 0.0,

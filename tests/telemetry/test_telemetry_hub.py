@@ -271,3 +271,67 @@ def test_prometheus_metrics_per_gpu_and_per_domain() -> None:
         assert "wattplane_telemetry_reports_total" in text
 
     run(body())
+
+
+def test_executor_port_turns_power_caps_into_agent_commands() -> None:
+    from controller.telemetry import HubAgentPort
+    from policies.plan import SetPowerCap
+
+    async def body() -> None:
+        hub = make_hub()
+        server, port = await start_server(hub)
+        agent = make_agent("p1", port, gpus=4)
+        agents_port = HubAgentPort(hub)
+        async with Running(agent):
+            await until(lambda: "p1" in hub.nodes and hub.nodes["p1"].connected)
+            agents_port.set_power_cap(SetPowerCap(node="p1", gpu=2, power_limit_w=420.0))
+            await until(lambda: not hub.pending_commands())
+            assert [s.power_limit_w for s in agent.source.sample()] == [700, 700, 420, 700]
+            agents_port.set_power_cap(SetPowerCap(node="p1", gpu=2))  # neither limit: clear the cap
+            await until(lambda: not hub.pending_commands())
+            assert [s.power_limit_w for s in agent.source.sample()] == [700] * 4
+        assert [r.result.status for r in hub.commands.values() if r.result] == [pb.COMMAND_STATUS_APPLIED] * 2
+        await server.stop(0)
+
+    run(body())
+
+
+def test_summary_aggregates_serving_load_and_expert_tokens_across_nodes() -> None:
+    def report(seq: int, rps: float, p99: float, kv: float, tokens: list[list[int]]) -> bytes:
+        replica = pb.ReplicaSample(
+            deployment="moe", replica=f"r{seq}", requests_per_s=rps, queue_depth=2, ttft_p99_ms=p99, kv_cache_use=kv,
+            expert_tokens=[pb.ExpertLayerTokens(layer=i, tokens=row) for i, row in enumerate(tokens)],
+        )  # fmt: skip
+        gpus = [pb.GPUSample(index=0, power_w=300.0, power_limit_w=700.0)]
+        return pb.AgentMessage(report=pb.NodeReport(seq=seq, gpus=gpus, replicas=[replica])).SerializeToString()
+
+    async def stream(port: int, name: str, reports: list[bytes]) -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.stream_stream(CONNECT_METHOD)(metadata=(("authorization", f"Bearer {TOKEN}"),))
+            await call.write(hello(name, gpus=1).SerializeToString())
+            await call.read()
+            for r in reports:
+                await call.write(r)
+            await call.done_writing()
+            await call.code()
+
+    async def body() -> None:
+        hub = make_hub()
+        server, port = await start_server(hub)
+        await stream(
+            port, "x", [report(1, 5.0, 100.0, 0.2, [[1, 2], [3, 4]]), report(2, 7.0, 300.0, 0.4, [[1, 0], [0, 1]])]
+        )
+        await stream(port, "y", [report(1, 3.0, 200.0, 0.6, [[10, 0], [0, 10]])])
+        await until(lambda: {"x", "y"} <= set(hub.nodes) and hub.reports_total == 3)
+        summary = summarise(hub, gpu_deployments={("x", 0): "moe"})
+        (serving,) = summary.serving
+        assert serving.requests_per_s == 7.0 + 3.0  # the latest report of each node, summed
+        assert serving.queue_depth == 4.0
+        assert serving.ttft_p99_ms == 300.0  # the worst replica
+        assert serving.kv_cache_use == pytest.approx(0.5)
+        (experts,) = summary.expert_loads
+        assert experts.loads == ((12.0, 2.0), (3.0, 15.0))  # every report in the ring buffers
+        assert [(g.node, g.deployment) for g in summary.gpu_telemetry] == [("x", "moe"), ("y", None)]
+        await server.stop(0)
+
+    run(body())
