@@ -83,7 +83,7 @@ POLCA_SWEEP_QUICK = [(0.8, 0.9), (0.85, 0.95), (0.9, 0.95)]
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", default=None, help="arrival trace CSV (Azure columns TIMESTAMP,ContextTokens,...)")
-    parser.add_argument("--servers", type=int, default=None, help="servers the budget is sized for (40; quick 8)")
+    parser.add_argument("--servers", type=int, default=None, help="servers the budget is sized for (40; quick 10)")
     parser.add_argument("--duration", type=float, default=None, help="seconds of arrivals (900; quick 180)")
     parser.add_argument("--levels", default="0,0.1,0.2,0.3,0.4,0.5", help="oversubscription levels (fractions)")
     parser.add_argument("--lp-share", type=float, default=0.5, help="share of servers running best-effort work")
@@ -368,7 +368,7 @@ def run(args: argparse.Namespace) -> list[Case]:
     _check_vectorised_model()
     trace = load_azure_trace(args.trace or data_file(TRACE, args.data_dir))
     quick = bool(args.quick)
-    nameplate = args.servers or (8 if quick else 40)
+    nameplate = args.servers or (10 if quick else 40)  # multiples of 10: every level is a whole server count
     duration = args.duration or (180.0 if quick else 900.0)
     levels = [float(x) for x in args.levels.split(",") if x.strip()]
     sweep = POLCA_SWEEP_QUICK if quick else POLCA_SWEEP_FULL
@@ -398,7 +398,8 @@ def run(args: argparse.Namespace) -> list[Case]:
         methods["wattplane"] = m
         cases.append(Case(
             name=f"row-{round(level * 100)}pct-oversubscribed",
-            params={"oversubscription": level, "servers": servers, "nameplate_servers": nameplate,
+            params={"oversubscription": round(servers / nameplate - 1, 4), "servers": servers,
+                    "nameplate_servers": nameplate,
                     "gpus": servers * GPUS_PER_SERVER, "budget_w": budget, "duration_s": duration,
                     "requests": len(w.arrival), "lp_share": args.lp_share, "brake_hold_s": args.brake_hold,
                     "safety_margin": args.margin,
