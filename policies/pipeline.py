@@ -23,6 +23,7 @@ and runs the rest.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -176,6 +177,7 @@ class _Resolved:
     config_cls: type[Any]
     state_cls: type[BaseModel] | None
     kind: str
+    takes_clock: bool = False
 
     def make_config(self, values: Mapping[str, Any]) -> Any:
         if issubclass(self.config_cls, BaseModel):
@@ -203,7 +205,8 @@ def resolve(stage: Stage, method: str) -> _Resolved | None:
         raise
     except AttributeError:
         return None
-    return _Resolved(call=call, config_cls=config_cls, state_cls=state_cls, kind=entry.kind)
+    takes_clock = "clock" in inspect.signature(call).parameters
+    return _Resolved(call=call, config_cls=config_cls, state_cls=state_cls, kind=entry.kind, takes_clock=takes_clock)
 
 
 def _class(module: Any, name: str) -> type[Any]:
@@ -218,7 +221,9 @@ def run_pipeline(snapshot: Snapshot, config: PipelineConfig, state: PipelineStat
     """Run every due stage in order on the progressively projected snapshot (module docstring).
 
     ``clock`` (seconds, e.g. ``time.perf_counter`` passed in by the caller) times each stage into
-    :attr:`PipelineResult.stage_ms`; the decisions never depend on it.
+    :attr:`PipelineResult.stage_ms` and is handed to every policy that takes one, so their time
+    limits hold (without it a search is bounded by its step counts only: reproducible, but its
+    run time is not bounded by the configured seconds).
     """
     check_config(config)
     plans: list[Plan] = []
@@ -243,17 +248,20 @@ def run_pipeline(snapshot: Snapshot, config: PipelineConfig, state: PipelineStat
         t0 = clock() if clock is not None else 0.0
         ran.append(stage.value)
         last_run[stage.value] = snapshot.now
+        extra: dict[str, Any] = {"clock": clock} if clock is not None and resolved.takes_clock else {}
         if resolved.state_cls is None:
-            plan: Plan = resolved.call(current, policy_config)
+            plan: Plan = resolved.call(current, policy_config, **extra)
             plans.append(plan)
             current = project(current, plan)
         elif resolved.kind == "forecast":
-            forecast = resolved.call(current, policy_config, resolved.state_cls.model_validate(states.get(key, {})))
+            forecast = resolved.call(current, policy_config, resolved.state_cls.model_validate(states.get(key, {})),
+                                     **extra)
             demand = tuple(forecast.demand)
             states[key] = forecast.state.model_dump(mode="json")
             current = current.model_copy(update={"demand": demand})
         else:
-            plan = resolved.call(current, policy_config, resolved.state_cls.model_validate(states.get(key, {})))
+            plan = resolved.call(current, policy_config, resolved.state_cls.model_validate(states.get(key, {})),
+                                 **extra)
             states[key] = dict(plan.state)
             plans.append(plan)
             current = project(current, plan)
