@@ -79,6 +79,7 @@ class SimResult:
     cycles: list[dict[str, Any]] = field(default_factory=list)
     invariant_violations: list[str] = field(default_factory=list)
     unavailable: list[str] = field(default_factory=list)
+    per_deployment: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class Simulation:
@@ -540,6 +541,16 @@ class Simulation:
         metrics = self._metrics(s_power, budgets, s_requests, s_met, s_ttft, s_tpot, s_served, s_cost,
                                 self.load, total, cycles, dropped, fallback_plans, plans_total)
         dep_names = [d.name for d in self.domains]
+        per_dep = {
+            name: {
+                "slo_attainment": float(s_met[i].sum() / s_requests[i].sum()) if s_requests[i].sum() else 1.0,
+                "ttft_p99_ms": _weighted_quantile(np.minimum(s_ttft[i], 1e7), s_requests[i], 0.99),
+                "tpot_p99_ms": _weighted_quantile(np.minimum(s_tpot[i], 1e7), s_requests[i], 0.99),
+                "requests": float(s_requests[i].sum()),
+                "output_tokens": float(s_served[i].sum() * dt),
+            }
+            for i, name in enumerate(dep_names)
+        }
         series = {"power_w": s_power[:n_dom], "budget_w": budgets, "ttft_p99_ms": s_ttft, "tpot_p99_ms": s_tpot,
                   "demand_tokens_per_s": s_demand, "served_tokens_per_s": s_served, "fallback_share": s_share,
                   "ready_replicas": s_ready, "capped_gpus": s_caps, "cost_per_hour": s_cost,
@@ -549,7 +560,7 @@ class Simulation:
                   "served_tokens_per_s": dep_names, "fallback_share": dep_names,
                   "ready_replicas": [f"{d}@{p.name}" for d in dep_names for p in f.pools]}
         return SimResult(self.policy_set, self.pipeline.methods(), metrics, series, labels, cycles, violations,
-                         sorted(unavailable))
+                         sorted(unavailable), per_dep)
 
     def _window(self, start: int, end: int, requests: np.ndarray, demand: np.ndarray, backlog: np.ndarray,
                 ttft: np.ndarray, tpot: np.ndarray) -> dict[str, np.ndarray]:

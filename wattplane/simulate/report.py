@@ -36,6 +36,7 @@ def to_json(scenario: str, seed: int, step_s: float, duration_s: float, results:
             r.policy_set: {
                 "methods": r.methods,
                 "metrics": {k: _num(v) for k, v in r.metrics.items()},
+                "deployments": {d: {k: _num(v) for k, v in m.items()} for d, m in r.per_deployment.items()},
                 "unavailable": r.unavailable,
                 "invariant_violations": r.invariant_violations[:20],
             }
@@ -59,6 +60,9 @@ def summary(scenario: str, results: list[SimResult], wall_s: float) -> str:
     for r in results:
         lines.append("")
         lines.append(f"{r.policy_set}: " + ", ".join(f"{s}={m}" for s, m in r.methods.items()))
+        for d, m in r.per_deployment.items():
+            lines.append(f"  {d:<24} SLO {m['slo_attainment']:.3f}  TTFT p99 {_fmt(m['ttft_p99_ms'])} ms  "
+                         f"TPOT p99 {_fmt(m['tpot_p99_ms'])} ms")
         if r.unavailable:
             lines.append(f"  not yet available (stage skipped): {', '.join(r.unavailable)}")
         if r.invariant_violations:
@@ -124,6 +128,13 @@ def write_html(out: Path, scenario: str, description: str, results: list[SimResu
                      + html.escape(", ".join(f"{s}={m}" for s, m in r.methods.items())) + "</p>")
         if r.unavailable:
             parts.append(f"<p>Stages not yet available (skipped): {html.escape(', '.join(r.unavailable))}</p>")
+        parts.append("<table><tr><th>deployment</th><th>SLO attainment</th><th>TTFT p99 ms</th><th>TPOT p99 ms</th>"
+                     "<th>requests</th></tr>")
+        for d, m in r.per_deployment.items():
+            parts.append(f"<tr><td>{html.escape(d)}</td><td>{m['slo_attainment']:.3f}</td>"
+                         f"<td>{_fmt(m['ttft_p99_ms'])}</td><td>{_fmt(m['tpot_p99_ms'])}</td>"
+                         f"<td>{_fmt(m['requests'])}</td></tr>")
+        parts.append("</table>")
         t = np.arange(len(r.series["capped_gpus"])) * step_s / 60.0
         fig, axes = plt.subplots(2, 2, figsize=(12, 7))
         ax = axes[0][0]
