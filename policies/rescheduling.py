@@ -73,13 +73,13 @@ def plan_reschedule(
     snapshot: Snapshot, config: RescheduleConfig, state: RescheduleState | None = None, clock: Clock | None = None
 ) -> Plan:
     """Emit at most ``config.mnl`` ``MigratePod`` actions that lower fragmentation; honour PDBs and do-not-move."""
+    # The budget covers the whole call; 15% of it is kept for ordering and scoring the moves.
+    deadline = clock() + 0.85 * config.time_limit_s if clock is not None else None
     state = state or RescheduleState()
     packing = Packing.from_snapshot(snapshot, config.form, vm_cores=config.vm_cores,
                                     pending_weight=config.pending_weight)
     budget = budget_of(snapshot, config.mnl)
     before = packing.copy()
-    # 10% of the budget is kept for scoring and ordering the moves after the search
-    deadline = clock() + 0.9 * config.time_limit_s if clock is not None else None
 
     def out_of_time() -> bool:
         return deadline is not None and clock is not None and clock() >= deadline
@@ -91,10 +91,10 @@ def plan_reschedule(
     search = Search(before.fragment(), packing.fragment(), steps, statuses={})
     greedy = packing.copy()
     if config.form is Form.NUMA and config.mnl > 0 and not out_of_time():
-        packing = improve_flow(before, packing, budget, config, search, time_left())
+        packing = improve_flow(before, packing, budget, config, search, time_left if clock is not None else None)
     proven = search.flow_bound is not None and packing.fragment() <= search.flow_bound + 1e-9
     if config.use_lns and config.mnl > 0 and not proven:
-        packing = improve_lns(packing, budget, config, search, out_of_time, time_left)
+        packing = improve_lns(packing, budget, config, search, out_of_time, time_left if clock is not None else None)
     # The plan names nodes, not devices: score what the moves give when run one by one with the
     # scheduler's best-fit device choice, and keep the greedy plan if the search's is not better then.
     realised, order = realise(before, packing)
@@ -204,11 +204,18 @@ def _shape_key(p: Packing, i: int) -> ShapeKey:
 
 
 def solve_flow(
-    flow: FlowModel, time_limit_s: float, workers: int
+    flow: FlowModel, time_limit_s: float, workers: int, *, deterministic: bool = False
 ) -> tuple[SolverStatus, float, float | None, dict[tuple[int, int], int] | None, dict[tuple[int, int], int] | None]:
-    """(status, wall s, fragment lower bound, out counts, into counts)."""
+    """(status, wall s, fragment lower bound, out counts, into counts).
+
+    ``deterministic`` limits CP-SAT's deterministic time instead of wall time (reproducible plans
+    when the caller gives no clock)."""
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(time_limit_s, 0.05)
+    if deterministic:
+        solver.parameters.max_deterministic_time = max(time_limit_s, 0.05)
+        solver.parameters.max_time_in_seconds = 60.0 + 10 * time_limit_s  # a safety net only
+    else:
+        solver.parameters.max_time_in_seconds = max(time_limit_s, 0.05)
     solver.parameters.num_workers = workers
     code = solver.solve(flow.model)
     status = SolverStatus(solver.status_name(code))
@@ -221,11 +228,13 @@ def solve_flow(
 
 
 def improve_flow(
-    before: Packing, current: Packing, budget: MoveBudget, config: RescheduleConfig, search: Search, time_s: float
+    before: Packing, current: Packing, budget: MoveBudget, config: RescheduleConfig, search: Search,
+    time_left: Callable[[], float] | None,
 ) -> Packing:
     """Solve the whole-cluster flow model from the greedy hint; keep its result if it is better."""
     flow = build_flow_model(before, current, budget)
-    status, wall, bound, out, into = solve_flow(flow, time_s, config.workers)
+    limit = time_left() if time_left is not None else config.time_limit_s
+    status, wall, bound, out, into = solve_flow(flow, limit, config.workers, deterministic=time_left is None)
     search.solver_s += wall
     search.flow_status = status
     search.flow_bound = bound
@@ -296,10 +305,11 @@ def improve_lns(
         if sub is None:
             continue
         left = max(solver_budget - search.solver_s, 0.01)
-        wall_cap = time_left() if time_left is not None else 3 * config.sub_time_limit_s
-        status, wall, assignment = solve(sub, min(config.sub_time_limit_s, left), config.workers,
-                                         seed=rng.below(1 << 30), wall_cap_s=max(wall_cap, 0.01))
-        search.solver_s += wall
+        # With a clock the wall budget rules; without one, deterministic time does (same input, same plan).
+        wall_cap = max(time_left(), 0.01) if time_left is not None else None
+        status, wall, det, assignment = solve(sub, min(config.sub_time_limit_s, left), config.workers,
+                                              seed=rng.below(1 << 30), wall_cap_s=wall_cap)
+        search.solver_s += wall if time_left is not None else det
         statuses[status.value] = statuses.get(status.value, 0) + 1
         if assignment is None:
             continue
@@ -558,25 +568,25 @@ def _weighted(variables: list[cp_model.IntVar], coefficients: list[int]) -> cp_m
 
 def solve(
     sub: SubModel, time_limit_s: float, workers: int, *, seed: int = 0, wall_cap_s: float | None = None
-) -> tuple[SolverStatus, float, dict[int, tuple[int, tuple[int, ...]]] | None]:
-    """Solve a neighbourhood; returns (status, wall seconds, item -> (bin, devices)) or no assignment."""
+) -> tuple[SolverStatus, float, float, dict[int, tuple[int, tuple[int, ...]]] | None]:
+    """Solve a neighbourhood: (status, wall s, deterministic s, item -> (bin, devices)) or no assignment."""
     solver = cp_model.CpSolver()
     # Deterministic time makes a neighbourhood's answer reproducible (same snapshot, same plan); the
     # wall-clock limit only guards against a loaded machine.
     solver.parameters.max_deterministic_time = time_limit_s
-    solver.parameters.max_time_in_seconds = min(3 * time_limit_s, wall_cap_s or 3 * time_limit_s)
+    solver.parameters.max_time_in_seconds = min(3 * time_limit_s, wall_cap_s) if wall_cap_s else 60.0
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed
     code = solver.solve(sub.model)
     status = SolverStatus(solver.status_name(code))
     if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return status, solver.wall_time, None
+        return status, solver.wall_time, solver.deterministic_time, None
     out: dict[int, tuple[int, tuple[int, ...]]] = {}
     for i in sub.items:
         b = next(b for b in sub.bins if (i, b) in sub.x and solver.value(sub.x[i, b]))
         devs = tuple(g for (j, bb, g), v in sub.dev.items() if j == i and bb == b and solver.value(v))
         out[i] = (b, devs)
-    return status, solver.wall_time, out
+    return status, solver.wall_time, solver.deterministic_time, out
 
 
 def _apply_assignment(packing: Packing, assignment: dict[int, tuple[int, tuple[int, ...]]]) -> bool:
