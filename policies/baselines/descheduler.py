@@ -13,12 +13,44 @@ from dataclasses import dataclass
 
 from policies.baselines.greedy_moves import MoveBudget, can_move, movable_items
 from policies.fragmentation import Form, Packing
+from policies.plan import Explanation, MigratePod, Plan, PolicyName, Reason, SolverStatus
+from policies.snapshot import Snapshot
 
 
 @dataclass(frozen=True)
 class DeschedulerConfig:
     threshold: float = 0.5  # a bin is under-utilised when its used share of every resource is below this
     max_per_node: int | None = None  # maxNoOfPodsToEvictPerNode
+    max_total: int = 10  # maxNoOfPodsToEvictTotal (the MNL) when run as a policy
+    form: Form = Form.GPU
+
+
+def plan_descheduler(snapshot: Snapshot, config: DeschedulerConfig = DeschedulerConfig()) -> Plan:
+    """The baseline as a policy (same contract as ``plan_reschedule``, stateless): MigratePod actions."""
+    before = Packing.from_snapshot(snapshot, config.form)
+    after = before.copy()
+    budget = MoveBudget(mnl=config.max_total, pdb_left={p.name: p.max_unavailable for p in snapshot.pdbs})
+    descheduler_moves(after, budget, config)
+    last = {i: k for k, i in enumerate(after.log)}
+    order = sorted(after.moved(), key=lambda i: (last.get(i, len(last)), i))
+    actions = tuple(
+        MigratePod(pod=after.items[i].name, from_node=before.bins[after.items[i].origin].node,
+                   to_node=after.bins[after.assign[i]].node, deployment=after.items[i].deployment,
+                   to_numa=after.bins[after.assign[i]].numa)
+        for i in order
+    )
+    rate_before, rate_after = before.frag_rate(), after.frag_rate()
+    summary = (f"evicted {len(actions)} pod(s) from nodes below {config.threshold:.0%} use; "
+               f"fragmentation {rate_before:.3f} -> {rate_after:.3f}")
+    return Plan(
+        policy=PolicyName.RESCHEDULE,
+        actions=actions,
+        explanation=Explanation(
+            reason=Reason.FRAGMENTATION if actions else Reason.NO_CHANGE, summary=summary,
+            objective=after.fragment(), solver_status=SolverStatus.HEURISTIC, fallback="descheduler",
+            metrics={"frag_rate_before": rate_before, "frag_rate": rate_after, "migrations": float(len(actions))},
+        ),
+    )
 
 
 def utilisation(packing: Packing, b: int) -> float:
