@@ -155,3 +155,17 @@ def test_snapshots_are_valid_domain_files(tmp_path: Path, small: Scenario) -> No
         assert len(again.gpu_telemetry) == 32 and len(again.nodes) == 4
         assert all(g.prefill_fraction is not None for g in again.gpu_telemetry)
         assert {p.deployment for p in again.pods if p.node is not None} == {"big", "small"}
+
+
+def test_background_pods_from_the_alibaba_trace(data_dir: Path) -> None:
+    path = data_dir / "alibaba-gpu-2023" / "openb_pod_list_default.csv"
+    if not path.exists():
+        pytest.skip(f"{path} missing (alibaba/clusterdata cluster-trace-gpu-v2023 openb_pod_list_default.csv)")
+    sc = make_scenario(duration_s=40, background={"pods_csv": str(path), "count": 20})
+    sim = Simulation(sc, _static(), generate_load(sc, 1), 1)
+    sim.run()
+    pods = sim.fleet.background
+    assert 0 < len(pods) <= 20
+    shares = {p.milli for p in pods.values()}
+    assert shares - {1000}  # the trace's fractional GPU pods keep their share
+    assert not sim.fleet.check()

@@ -41,7 +41,7 @@ def simulate(scenario: Scenario, seed: int, compare: str | None = None, base_dir
         bar = progress_bar(f"{scenario.name}/{name}") if show_progress else None
         dump = _dumper(dump_dir / name) if dump_dir is not None else None
         results.append(Simulation(scenario, config, load, seed, policy_set=name, progress=bar,
-                                  on_snapshot=dump).run())
+                                  on_snapshot=dump, base_dir=base_dir, data_dir=data_dir).run())
     return results
 
 

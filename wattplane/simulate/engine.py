@@ -34,6 +34,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -86,7 +87,8 @@ class Simulation:
     def __init__(self, scenario: Scenario, pipeline: PipelineConfig, load: LoadSeries, seed: int,
                  policy_set: str = "wattplane", profiles: ProfileTable | None = None,
                  progress: Callable[[float], None] | None = None, check_invariants: bool = True,
-                 on_snapshot: Callable[[Snapshot], None] | None = None) -> None:
+                 on_snapshot: Callable[[Snapshot], None] | None = None, base_dir: Path | None = None,
+                 data_dir: str | None = None) -> None:
         self.scenario = scenario
         self.pipeline = pipeline
         self.load = load
@@ -97,6 +99,7 @@ class Simulation:
         self.progress = progress
         self.check_invariants = check_invariants
         self.on_snapshot = on_snapshot  # e.g. dump each cycle's snapshot (design §7)
+        self.base_dir, self.data_dir = base_dir, data_dir  # where relative / data: paths resolve
         self.domains = [d.domain() for d in scenario.deployments]
         n_dep, n_pool = len(self.domains), len(scenario.pools)
         # profile per (deployment, pool); None when its weights do not fit there
@@ -399,6 +402,21 @@ class Simulation:
                 pdb=None, movable=len(r.gpus) <= sc.pools[r.pool].gpus_per_node, numa=None))
         return out
 
+    def _trace_pods(self) -> list[tuple[int, int, int, int]] | None:
+        """Background pods from ``background.pods_csv`` (Alibaba GPU trace), in creation order."""
+        spec = self.scenario.background
+        if spec.pods_csv is None:
+            return None
+        from wattplane.datasets import data_file, load_alibaba_pods
+        from wattplane.simulate.load import resolve_path
+
+        pods = load_alibaba_pods(resolve_path(spec.pods_csv, self.base_dir, self.data_dir, data_file))
+        gpu_pods = sorted((p for p in pods if p.pod.num_gpu > 0), key=lambda p: (p.creation_time, p.pod.name))
+        if spec.count:
+            gpu_pods = gpu_pods[: spec.count]
+        return [(min(p.pod.num_gpu, 8), p.pod.gpu_milli if p.pod.num_gpu == 1 else 1000, p.pod.cpu_milli,
+                 p.pod.memory_mib) for p in gpu_pods]
+
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> SimResult:
         sc = self.scenario
@@ -411,7 +429,7 @@ class Simulation:
             for pool, n in d.initial_replicas.items():
                 f.desired[i, f.pool_index[pool]] = n
         f.reconcile_replicas(0.0)
-        f.seed_background()
+        f.seed_background(self._trace_pods())
         self._refresh(0.0)
         budgets = np.array([d.budget_w for d in f.domains])
         faults = sorted(sc.faults, key=lambda x: x.at_s)

@@ -288,19 +288,27 @@ class SimulatedFleet:
         return True
 
     # -- background pods and faults --------------------------------------------------------------
-    def seed_background(self) -> None:
-        """Scatter the scenario's background pods over the GPUs the initial replicas left free."""
+    def seed_background(self, shapes: list[tuple[int, int, int, int]] | None = None) -> None:
+        """Scatter background pods over the GPUs the initial replicas left free.
+
+        ``shapes`` are real pods' ``(num_gpu, gpu_milli, cpu_milli, memory_mib)`` (e.g. from the
+        Alibaba trace); without them ``background.count`` synthetic pods are drawn.
+        """
         spec = self.scenario.background
-        if spec.count == 0:
+        if shapes is None:
+            shapes = []
+            for _ in range(spec.count):
+                frac = self._rng.random() < spec.fractional_share
+                milli = int(self._rng.choice([250, 500, 750])) if frac else 1000
+                ngpu = 1 if frac else int(self._rng.choice([1, 2, 4], p=[0.6, 0.3, 0.1]))
+                shapes.append((ngpu, milli, 4000, 16384))
+        if not shapes:
             return
         pools = [self.pool_index[p] for p in spec.pools] if spec.pools else list(range(len(self.pools)))
         nodes = np.nonzero(np.isin(self.node_pool, pools))[0]
         if len(nodes) == 0:
             return
-        for k in range(spec.count):
-            frac = self._rng.random() < spec.fractional_share
-            milli = int(self._rng.choice([250, 500, 750])) if frac else 1000
-            ngpu = 1 if frac else int(self._rng.choice([1, 2, 4], p=[0.6, 0.3, 0.1]))
+        for k, (ngpu, milli, cpu, mem) in enumerate(shapes):
             # scattered placement (a spreading scheduler over time): a random node with room
             for _ in range(20):
                 node = int(self._rng.choice(nodes))
@@ -311,7 +319,7 @@ class SimulatedFleet:
                     chosen = self._rng.choice(ok, size=ngpu, replace=False)
                     self.bg_milli[chosen] += milli
                     name = f"bg-{k:05d}"
-                    self.background[name] = BackgroundPod(name, node, np.sort(chosen), milli)
+                    self.background[name] = BackgroundPod(name, node, np.sort(chosen), milli, cpu, mem)
                     break
 
     def finish_background(self, fraction: float) -> int:

@@ -161,7 +161,7 @@ class BackgroundPods(Strict):
 
     count: int = Field(default=0, ge=0)
     fractional_share: float = Field(default=0.4, ge=0, le=1)  # share of pods using part of one GPU
-    pods_csv: str | None = None  # Alibaba ``openb_pod_list_*.csv`` instead of synthetic pods
+    pods_csv: str | None = None  # Alibaba ``openb_pod_list_*.csv``: its GPU pods (first ``count``, 0 = all)
     churn_per_hour: float = Field(default=0.0, ge=0)  # fraction of pods that finish (and free GPUs) per hour
     pools: tuple[str, ...] = ()  # empty: every pool
 
@@ -214,7 +214,6 @@ class Scenario(Strict):
     replica_startup_s: float = Field(default=60.0, ge=0)
     seed: int = 0
     pools: tuple[PoolSpec, ...] = Field(min_length=1)
-    nodes_csv: str | None = None  # Alibaba ``openb_node_list_*.csv``: adds its nodes as pools by GPU model
     power_domains: tuple[PowerDomainSpec, ...] = ()
     deployments: tuple[DeploymentSpec, ...] = Field(min_length=1)
     load: LoadSpec
