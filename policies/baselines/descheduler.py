@@ -23,11 +23,12 @@ class DeschedulerConfig:
     max_per_node: int | None = None  # maxNoOfPodsToEvictPerNode
     max_total: int = 10  # maxNoOfPodsToEvictTotal (the MNL) when run as a policy
     form: Form = Form.GPU
+    pending_weight: float = 4.0  # FGD task mix for the reported fragmentation, as RescheduleConfig
 
 
 def plan_descheduler(snapshot: Snapshot, config: DeschedulerConfig = DeschedulerConfig()) -> Plan:
     """The baseline as a policy (same contract as ``plan_reschedule``, stateless): MigratePod actions."""
-    before = Packing.from_snapshot(snapshot, config.form)
+    before = Packing.from_snapshot(snapshot, config.form, pending_weight=config.pending_weight)
     after = before.copy()
     budget = MoveBudget(mnl=config.max_total, pdb_left={p.name: p.max_unavailable for p in snapshot.pdbs})
     descheduler_moves(after, budget, config)
