@@ -1,6 +1,7 @@
 """The per-request difficulty scorer: how much does this request need the large model?
 
-A linear model over hashed word n-grams, a few length buckets and (when the caller knows it) the
+A linear model over hashed word n-grams, hashed character n-grams (they catch formulas, numbers
+and word stems that whole words miss), a few length buckets and (when the caller knows it) the
 request's subject. It predicts ``E[correct_large - correct_small]`` for a prompt, trained by
 ``wattplane/train_router.py`` on RouteLLM's MMLU correctness labels; a higher score means the large
 model is more likely to be right where the small one is wrong. Scoring is a few dozen CRC32
@@ -19,6 +20,7 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from pydantic import Field
 
 from policies.snapshot import Frozen, PosInt
@@ -28,6 +30,7 @@ WEIGHTS_RESOURCE = "data/router_weights.json"
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)  # token-count edges for the length feature
+MAX_CHARS = 2048  # character n-grams look at the first this many characters (bounds scoring time)
 
 
 class CalibrationBin(Frozen):
@@ -52,6 +55,7 @@ class RouterWeights(Frozen):
     version: PosInt = 1
     buckets: PosInt  # hashed feature space size (a power of two)
     ngram: PosInt = 2  # word n-grams 1..ngram
+    char_ngrams: tuple[PosInt, ...] = ()  # character n-gram lengths (a second, separately normalised block)
     bias: float = 0.0
     weights: Mapping[int, float] = Field(default_factory=dict)  # bucket -> weight (zeros omitted)
     subject_weights: Mapping[str, float] = Field(default_factory=dict)
@@ -72,27 +76,96 @@ def length_bucket(n_tokens: int) -> int:
     return len(LENGTH_BUCKETS)
 
 
-def hashed_features(text: str, buckets: int, ngram: int = 2) -> dict[int, float]:
-    """Signed hashed n-gram counts, L2-normalised, so long prompts do not dominate by length alone."""
+def hashed_features(text: str, buckets: int, ngram: int = 2, char_ngrams: tuple[int, ...] = ()) -> dict[int, float]:
+    """Signed hashed n-gram counts; the word block and the character block are each L2-normalised,
+    so long prompts do not dominate by length alone."""
     toks = tokens(text)
-    feats: dict[int, float] = {}
-    mask = buckets - 1
+    feats = _word_features(toks, buckets - 1, ngram)
+    if char_ngrams:
+        idx, vals = _char_features(toks, buckets - 1, char_ngrams)
+        for k, v in zip(idx.tolist(), vals.tolist(), strict=True):
+            feats[k] = feats.get(k, 0.0) + v
+    return feats
+
+
+def _word_features(toks: list[str], mask: int, ngram: int) -> dict[int, float]:
+    words: dict[int, float] = {}
     for n in range(1, ngram + 1):
         for i in range(len(toks) - n + 1):
             h = zlib.crc32(" ".join(toks[i : i + n]).encode())
             idx = h & mask
-            sign = 1.0 if (h >> 31) & 1 else -1.0
-            feats[idx] = feats.get(idx, 0.0) + sign
-    norm = math.sqrt(sum(v * v for v in feats.values()))
-    if norm > 0:
-        for k in feats:
-            feats[k] /= norm
-    return feats
+            words[idx] = words.get(idx, 0.0) + (1.0 if h & 0x80000000 else -1.0)
+    norm = math.sqrt(sum(v * v for v in words.values()))
+    return {k: v / norm for k, v in words.items()} if norm > 0 else words
+
+
+_M64 = np.uint64(0xFF51AFD7ED558CCD)  # MurmurHash3's 64-bit finaliser constants
+_C64 = np.uint64(0xC4CEB9FE1A85EC53)
+_PRIME = np.uint64(1099511628211)  # FNV-1a 64-bit prime, as the polynomial base
+
+
+def _char_features(toks: list[str], mask: int, char_ngrams: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(bucket ids, L2-normalised signed counts) of character n-grams, vectorised.
+
+    The hash of an n-gram is a base-``_PRIME`` polynomial over its bytes (uint64, wrapping), salted
+    with ``n`` and mixed by MurmurHash3's finaliser; bucket = low bits, sign = top bit. Pure uint64
+    arithmetic, so the same on every platform.
+    """
+    data = np.frombuffer(" ".join(toks)[:MAX_CHARS].encode(), dtype=np.uint8).astype(np.uint64)
+    parts = []
+    with np.errstate(over="ignore"):
+        for n in char_ngrams:
+            m = len(data) - n + 1
+            if m <= 0:
+                continue
+            h = np.full(m, np.uint64(n) * _C64, dtype=np.uint64)
+            for j in range(n):
+                h = h * _PRIME + data[j : j + m]
+            h ^= h >> np.uint64(33)
+            h *= _M64
+            h ^= h >> np.uint64(33)
+            h *= _C64
+            h ^= h >> np.uint64(33)
+            parts.append(h)
+    if not parts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    h = np.concatenate(parts)
+    idx = (h & np.uint64(mask)).astype(np.int64)
+    sign = np.where(h >> np.uint64(63), 1.0, -1.0)
+    uniq, inv = np.unique(idx, return_inverse=True)
+    sums = np.bincount(inv, weights=sign, minlength=len(uniq))
+    norm = float(np.sqrt(np.dot(sums, sums)))
+    return uniq, (sums / norm if norm > 0 else sums)
+
+
+class Scorer:
+    """Fast scoring with the hashed weights as one dense vector (built once per weights value)."""
+
+    def __init__(self, weights: RouterWeights) -> None:
+        self.weights = weights
+        self.dense = np.zeros(weights.buckets)
+        for k, v in weights.weights.items():
+            self.dense[int(k)] = v
+
+    def score(self, text: str, subject: str | None = None) -> float:
+        w = self.weights
+        toks = tokens(text)
+        s = w.bias + sum(v * self.dense[k] for k, v in _word_features(toks, w.buckets - 1, w.ngram).items())
+        if w.char_ngrams:
+            idx, vals = _char_features(toks, w.buckets - 1, w.char_ngrams)
+            s += float(np.dot(self.dense[idx], vals))
+        s += w.length_weights.get(length_bucket(len(toks)), 0.0)
+        if subject is not None:
+            s += w.subject_weights.get(subject, 0.0)
+        return float(s)
 
 
 def score(weights: RouterWeights, text: str, subject: str | None = None) -> float:
-    """Predicted quality gain of the large model over the small one for this prompt (higher = harder)."""
-    feats = hashed_features(text, weights.buckets, weights.ngram)
+    """Predicted quality gain of the large model over the small one for this prompt (higher = harder).
+
+    For many requests build a :class:`Scorer` once instead (dense weights, same result).
+    """
+    feats = hashed_features(text, weights.buckets, weights.ngram, weights.char_ngrams)
     w = weights.weights
     s = weights.bias + sum(v * w.get(k, 0.0) for k, v in feats.items())
     s += weights.length_weights.get(length_bucket(len(tokens(text))), 0.0)
@@ -104,8 +177,9 @@ def score(weights: RouterWeights, text: str, subject: str | None = None) -> floa
 def score_many(
     weights: RouterWeights, texts: Sequence[str], subjects: Sequence[str | None] | None = None
 ) -> list[float]:
+    scorer = Scorer(weights)
     subs: Iterable[str | None] = subjects if subjects is not None else [None] * len(texts)
-    return [score(weights, t, s) for t, s in zip(texts, subs, strict=True)]
+    return [scorer.score(t, s) for t, s in zip(texts, subs, strict=True)]
 
 
 def weights_from_json(text: str | bytes) -> RouterWeights:
@@ -114,6 +188,6 @@ def weights_from_json(text: str | bytes) -> RouterWeights:
 
 
 __all__ = [
-    "LENGTH_BUCKETS", "WEIGHTS_PACKAGE", "WEIGHTS_RESOURCE", "CalibrationBin", "RouterWeights",
+    "LENGTH_BUCKETS", "WEIGHTS_PACKAGE", "WEIGHTS_RESOURCE", "CalibrationBin", "RouterWeights", "Scorer",
     "hashed_features", "length_bucket", "score", "score_many", "tokens", "weights_from_json",
 ]

@@ -8,7 +8,8 @@ in ``contaminated_prompts.jsonl`` (``eval_prompt``) are dropped, as RouteLLM's o
 Questions (unique prompt texts) are split 50/50 with a fixed seed; the held-out half is never
 seen by training, the regularisation strength is picked on a further split of the training half
 only. Target: ``correct_large - correct_small`` in {-1, 0, 1}; model: ridge regression over the
-scorer's features, solved by conjugate gradients on the sparse design (numpy only). The weights
+scorer's features (word 1-2-grams, character 3-5-grams, length, subject), solved by conjugate
+gradients on the sparse design (numpy only). The weights
 file records the data files (with SHA-256), seed, split sizes, the chosen penalty and the
 held-out metrics, so the blob can be audited and rebuilt.
 
@@ -48,6 +49,7 @@ LARGE_MODEL = "gpt-4-1106-preview"
 LABELS_DIR = "routing/routellm-mmlu"
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "policies" / "data" / "router_weights.json"
 BUCKETS = 1 << 16
+CHAR_NGRAMS = (3, 4, 5)
 CALIBRATION_BINS = 10
 
 
@@ -161,7 +163,7 @@ def build_design(questions: Sequence[Question], subjects: Sequence[str], use_sub
     cols: list[int] = []
     vals: list[float] = []
     for r, q in enumerate(questions):
-        for k, v in hashed_features(q.prompt, BUCKETS).items():
+        for k, v in hashed_features(q.prompt, BUCKETS, 2, CHAR_NGRAMS).items():
             rows.append(r)
             cols.append(k)
             vals.append(v)
@@ -214,6 +216,7 @@ def to_weights(w: np.ndarray, subjects: Sequence[str], use_subject: bool) -> Rou
     hashed = {int(i): float(f"{w[i]:.4g}") for i in np.nonzero(np.abs(w[:BUCKETS]) > 1e-4)[0]}
     return RouterWeights(
         buckets=BUCKETS,
+        char_ngrams=CHAR_NGRAMS,
         bias=float(w[-1]),
         weights=hashed,
         length_weights={i: float(w[len_base + i]) for i in range(len(LENGTH_BUCKETS) + 1)},

@@ -37,7 +37,7 @@ from ray.serve.handle import DeploymentHandle
 
 from controller.dataplane.standin import LatencyModel, StandInEngine, count_tokens
 from controller.dataplane.table import RouteReason, RoutingTable, TableHolder
-from policies.difficulty import WEIGHTS_PACKAGE, WEIGHTS_RESOURCE, RouterWeights, score, weights_from_json
+from policies.difficulty import WEIGHTS_PACKAGE, WEIGHTS_RESOURCE, RouterWeights, Scorer, weights_from_json
 
 app = FastAPI(title="wattplane router")
 
@@ -159,7 +159,7 @@ class Router:
         self.small = small
         self.deployment = deployment
         self.fallback = fallback
-        self.weights = weights_from_json(weights_json) if weights_json else load_packaged_weights()
+        self.scorer = Scorer(weights_from_json(weights_json) if weights_json else load_packaged_weights())
         self.tables = TableHolder()
         self.registry = CollectorRegistry()
         self.requests = Counter("wattplane_router_requests", "Requests served, by route (model) and reason",
@@ -198,7 +198,7 @@ class Router:
         self.stats["requests"] += 1
         self.stats["prompt_tokens"] += count_tokens(prompt)
         self.stats["output_tokens"] += max_tokens
-        difficulty = score(self.weights, prompt, subject)
+        difficulty = self.scorer.score(prompt, subject)
         use_small, reason = self.tables.decide(difficulty, time.monotonic())
         first, second = (self.small, self.large) if use_small else (self.large, self.small)
         try:

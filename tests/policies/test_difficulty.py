@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from policies.difficulty import RouterWeights, hashed_features, length_bucket, score, weights_from_json
+from policies.difficulty import RouterWeights, Scorer, hashed_features, length_bucket, score, weights_from_json
 from wattplane.train_router import Question, apgr_cpt, evaluate, fit, load_questions, split_by_question
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "policies" / "data" / "router_weights.json"
@@ -21,6 +21,22 @@ def test_features_are_deterministic_and_normalised() -> None:
     assert math.isclose(sum(v * v for v in a.values()), 1.0)
     assert all(0 <= k < 1 << 12 for k in a)
     assert hashed_features("", 1 << 12) == {}
+
+
+def test_char_ngrams_add_a_normalised_block() -> None:
+    words = hashed_features("x = 3.14 * r^2", 1 << 12)
+    both = hashed_features("x = 3.14 * r^2", 1 << 12, char_ngrams=(3, 4))
+    assert both != words
+    assert math.isclose(sum(v * v for v in both.values()), 2.0, rel_tol=0.5)  # two unit blocks, some overlap
+    assert hashed_features("X = 3.14 * R^2", 1 << 12, char_ngrams=(3, 4)) == both
+
+
+def test_dense_scorer_matches_reference_score() -> None:
+    w = weights_from_json(WEIGHTS.read_text())
+    scorer = Scorer(w)
+    for text, subject in (("What is 2+2?\nA. 3\nB. 4\nAnswer:", None), ("Define entropy." * 40, "college_physics"),
+                          ("", None)):
+        assert scorer.score(text, subject) == pytest.approx(score(w, text, subject), abs=1e-9)
 
 
 def test_length_buckets_are_ordered() -> None:
