@@ -252,3 +252,14 @@ def test_on_the_alibaba_trace_plans_stay_within_mnl_and_match_greedy_or_better(d
     greedy_moves(greedy, MoveBudget(mnl=mnl, pdb_left={}))
     assert ours.fragment() <= greedy.fragment() + 1e-6
     assert ours.frag_rate() < start.frag_rate()
+
+
+def test_lns_finds_the_two_move_plan_that_single_moves_miss() -> None:
+    """Moving one of a0/a1 alone frees nothing, so greedy stops; re-packing n0 with a partner frees the node."""
+    snap = make_snapshot(fragmented())
+    greedy = Packing.from_snapshot(snap, Form.GPU, pending_weight=MIX_PENDING_WEIGHT)
+    greedy_moves(greedy, MoveBudget(mnl=2, pdb_left={}))
+    plan = plan_reschedule(snap, RescheduleConfig(mnl=2, **FAST))
+    assert pending_placeable(greedy)[0] == 0
+    assert rescore(snap, plan.actions).fragment() < greedy.fragment()
+    assert plan.explanation.metrics["lns_accepted"] >= 1
