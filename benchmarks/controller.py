@@ -42,6 +42,7 @@ POOLS = (("bh100", 8, "H100-80GB"), ("ba100", 8, "A100-80GB"), ("bl4", 4, "L4"),
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=None, help="fake GPU nodes (default 200, quick 32)")
     parser.add_argument("--deployments", type=int, default=None, help="ModelDeployments (default 100, quick 16)")
+    parser.add_argument("--workers", type=int, default=4, help="controller reconcile workers")
     parser.add_argument("--timeout", type=float, default=None,
                         help="give up waiting for Ready after this long (default 300 s, quick 40 s)")
 
@@ -185,6 +186,7 @@ def run(args: argparse.Namespace) -> list[Case]:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "wattplane", "controller", "--kubeconfig", str(cluster.kubeconfig),
                  "--metrics-port", str(port), "--lease-name", "bench", "--retry-period", "1",
+                 "--workers", str(args.workers),
                  "--log-level", "WARNING"], stdout=fh, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
@@ -209,7 +211,7 @@ def run(args: argparse.Namespace) -> list[Case]:
     requests = end.get("wattplane_api_requests_total", 0) - base.get("wattplane_api_requests_total", 0)
     case = Case(
         name=f"fleet-{n_nodes}nodes-{n_mds}deployments",
-        params={"nodes": n_nodes, "deployments": n_mds, "pools": per_pool, "workers": 2},
+        params={"nodes": n_nodes, "deployments": n_mds, "pools": per_pool, "workers": args.workers},
         methods={
             "wattplane": {
                 "deployments": float(n_mds),

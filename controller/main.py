@@ -28,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kubeconfig", type=Path, default=os.environ.get("KUBECONFIG") or None,
                         help="kubeconfig file (default: $KUBECONFIG, else in-cluster, else ~/.kube/config)")
     parser.add_argument("--context", default=None)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=4, help="reconcile workers (passes are I/O-bound)")
     parser.add_argument("--metrics-host", default="127.0.0.1")
     parser.add_argument("--metrics-port", type=int, default=8080, help="0 picks a free port (printed)")
     parser.add_argument("--lease-namespace", default="default")

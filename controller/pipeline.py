@@ -1,9 +1,9 @@
-"""The policy pipeline the reconciler runs on each snapshot: placement first, others as they land.
+"""The policy pipeline the reconciler runs on each snapshot: the shared ``policies.pipeline``.
 
-Until ``policies.placement`` exists, ``plan_placement`` below is a stand-in: min replicas within
-bounds, kept where they already run (no churn), new ones first-fit on nodes of preferred, then
-allowed pools. To switch to the real policy, change the one import marked PLACEMENT. The stand-in
-is pure (no I/O, no clock) like every policy, so swapping it changes no caller.
+The FleetPolicy says which stages run. Placement always has an answer: when the FleetPolicy turns
+it off, or the real policy is unavailable or fails, ``plan_placement_minimum`` stands in: min
+replicas within bounds, kept where they already run (no churn), new ones first-fit on free GPUs
+of preferred, then allowed pools. It is pure (no I/O, no clock) like every policy.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from controller.api.models import PoliciesEnabled, SolverLimits
+from policies import pipeline as pp
 from policies.plan import Explanation, Plan, PolicyName, Reason, SetReplicas, SolverStatus
 from policies.snapshot import ModelDeployment, Snapshot
 
@@ -115,16 +117,61 @@ def plan_placement_minimum(snapshot: Snapshot, config: PlacementConfig | None = 
     )
 
 
-# PLACEMENT: swap for `from policies.placement import plan_placement` when it lands.
+# The stand-in's public name: what runs when the FleetPolicy turns placement off or the real one is unavailable.
 plan_placement = plan_placement_minimum
 
 
-def run_pipeline(snapshot: Snapshot, states: dict[str, dict[str, Any]] | None = None) -> list[Plan]:
-    """Placement first; moe, power, routing and rescheduling plug in here in that order."""
-    states = states or {}
-    return [plan_placement(snapshot, None, states.get(PolicyName.PLACEMENT.value))]
+def pipeline_config(policies: PoliciesEnabled, limits: SolverLimits) -> pp.PipelineConfig:
+    """The FleetPolicy's switches as the shared pipeline's config (the simulator builds the same thing)."""
+
+    def stage(on: bool, config: dict[str, Any] | None = None) -> pp.StageSetting:
+        return pp.StageSetting(method=pp.OURS if on else pp.OFF, config=config or {})
+
+    return pp.PipelineConfig(stages={
+        pp.Stage.FORECAST: stage(policies.placement),
+        pp.Stage.ROUTING: stage(policies.routing),
+        pp.Stage.PLACEMENT: stage(policies.placement, {"time_limit_s": limits.placement_s}),
+        pp.Stage.MOE: stage(policies.moe),
+        pp.Stage.POWER: stage(policies.power),
+        pp.Stage.RESCHEDULING: stage(policies.rescheduling),
+    })
 
 
-def unplaced(plan: Plan, deployment: str) -> int:
-    """Replicas of ``deployment`` the placement could not fit anywhere (0 when satisfied)."""
-    return int(plan.explanation.metrics.get(f"short:{deployment}", 0))
+@dataclass(frozen=True)
+class PipelineOutcome:
+    plans: list[Plan]
+    state: pp.PipelineState
+    notes: tuple[str, ...] = ()  # stages that could not run, and why
+
+
+def run_pipeline(snapshot: Snapshot, policies: PoliciesEnabled | None = None, limits: SolverLimits | None = None,
+                 state: pp.PipelineState | None = None) -> PipelineOutcome:
+    """The shared policy pipeline (forecast -> routing -> placement -> moe -> power -> rescheduling).
+
+    When placement is off, unavailable or fails, the stand-in keeps every deployment at its minimum
+    replicas, so the controller always has a placement to execute.
+    """
+    policies = policies or PoliciesEnabled()
+    limits = limits or SolverLimits()
+    state = state or pp.PipelineState()
+    notes: list[str] = []
+    try:
+        result = pp.run_pipeline(snapshot, pipeline_config(policies, limits), state)
+        plans, state = list(result.plans), result.state
+        notes += [f"{u} unavailable" for u in result.unavailable]
+    except Exception as exc:  # a policy bug must not stop the fleet: fall back, and say so
+        plans, notes = [], [f"pipeline failed: {type(exc).__name__}: {exc}"]
+    if not any(p.policy is PolicyName.PLACEMENT for p in plans):
+        plans.insert(0, plan_placement(snapshot))
+    return PipelineOutcome(plans, state, tuple(notes))
+
+
+def shortfall(snapshot: Snapshot, plans: list[Plan], deployment: str) -> int:
+    """Replicas below the deployment's minimum after the plans (0 when satisfied)."""
+    d = snapshot.deployment(deployment)
+    per_pool = {r.pool: r.replicas for r in snapshot.replicas if r.deployment == deployment}
+    for plan in plans:
+        for a in plan.actions:
+            if isinstance(a, SetReplicas) and a.deployment == deployment:
+                per_pool[a.pool] = a.replicas
+    return max(0, min(d.min_replicas, d.max_replicas) - sum(per_pool.values()))

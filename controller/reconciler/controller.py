@@ -14,7 +14,7 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -23,22 +23,27 @@ from controller.api import convert
 from controller.api import models as api
 from controller.executor import render as r
 from controller.executor.executor import DisruptionBudget, Executor, desired_from_plan, observe
+from controller.executor.ports import AgentPort, RouterPort
 from controller.kube import Kube, KubeClusterPort, KubeError
 from controller.metrics import Metrics
-from controller.pipeline import run_pipeline, unplaced
+from controller.pipeline import run_pipeline, shortfall
 from controller.reconciler.informer import Informer
 from controller.reconciler.queue import ShutDown, WorkQueue
 from controller.reconciler.status import Problem, deployment_status, pool_status, wire
 from controller.snapshot_builder import Built, build_snapshot
 from policies.plan import Plan, PolicyName, SetReplicas
+from policies.snapshot import GPUTelemetry, ServingTelemetry
 
 log = logging.getLogger(__name__)
+
+TelemetrySource = Callable[[], tuple[Sequence[GPUTelemetry], Sequence[ServingTelemetry]]]
 
 FINALIZER = "wattplane.io/cleanup"
 MANAGED_SELECTOR = f"{r.MANAGED_BY}={r.MANAGED_BY_VALUE}"
 MD = "md:"
 POOL = "pool:"
 POOL_STATUS_DELAY_S = 1.0
+REPLAN_INTERVAL_S = 1.0
 
 
 def iso_now(wall: float) -> str:
@@ -71,7 +76,11 @@ def _owner(obj: Mapping[str, Any]) -> str | None:
 
 class Controller:
     def __init__(self, kube: Kube, metrics: Metrics | None = None, *, workers: int = 2,
-                 resync_s: float | None = None, dry_run: bool = False, identity: str = "wattplane") -> None:
+                 resync_s: float | None = None, dry_run: bool = False, identity: str = "wattplane",
+                 agents: AgentPort | None = None, router: RouterPort | None = None,
+                 telemetry: TelemetrySource | None = None) -> None:
+        """``agents``/``router`` receive power caps and routing shares (none: those actions are only
+        logged); ``telemetry()`` returns (GPU readings, serving load) for the snapshot when a hub runs."""
         self.kube = kube
         self.metrics = metrics or Metrics()
         self.kube.on_request = lambda verb: self.metrics.api_requests.labels(verb).inc()
@@ -80,12 +89,16 @@ class Controller:
         self.dry_run = dry_run
         self.identity = identity
         self.queue = WorkQueue()
-        self.executor = Executor(KubeClusterPort(kube))
+        self.executor = Executor(KubeClusterPort(kube), agents, router)
+        self.telemetry = telemetry
+        self._applied_node_plans: set[str] = set()
         self.stop_event = threading.Event()
-        self._gen = 0
+        self._gen = 0  # bumped by any change the snapshot reads
+        self._spec_gen = 0  # bumped by changes of intent (specs, pools, nodes): these always re-plan
         self._gen_lock = threading.Lock()
         self._plan_lock = threading.Lock()
-        self._memo: tuple[int, Built, list[Plan]] | None = None
+        self._memo: tuple[int, int, float, Built, list[Plan]] | None = None  # spec_gen, gen, at, ...
+        self._pipeline_state: Any = None  # the policies' State between cycles (in memory; see docs)
         self._threads: list[threading.Thread] = []
         self.reconcile_count = 0
         inf = self.informers = {
@@ -104,9 +117,11 @@ class Controller:
         self.metrics.reconcile_errors.labels("watch:" + kind, type(exc).__name__).inc()
 
     # -- event handlers: cheap, they only bump the cache generation and enqueue keys ---------------
-    def _bump(self) -> None:
+    def _bump(self, spec: bool = True) -> None:
         with self._gen_lock:
             self._gen += 1
+            if spec:
+                self._spec_gen += 1
 
     def _enqueue_all(self) -> None:
         for md in self.informers["ModelDeployment"].items():
@@ -142,7 +157,7 @@ class Controller:
         obj = new or old
         assert obj is not None
         if new is None or old is None or _plan_input(new) != _plan_input(old):
-            self._bump()  # readiness alone changes status, not the plan: no need to re-plan
+            self._bump(spec=False)  # readiness alone changes status, not the plan: no need to re-plan
         owner = _owner(obj)
         if owner is None:
             name = (obj["metadata"].get("labels") or {}).get(r.L_DEPLOYMENT)
@@ -241,13 +256,27 @@ class Controller:
                     out.setdefault(owner, []).append(obj)
         return out
 
-    def fleet(self) -> tuple[Built, list[Plan], dict[str, list[dict[str, Any]]]]:
+    def fleet(self) -> tuple[Built, list[Plan], dict[str, list[dict[str, Any]]], float]:
+        """Snapshot and plans for the current caches, plus how stale they may be (seconds, 0 if fresh).
+
+        Re-planning on every owned-object event would serialise all workers behind the planner during
+        a rollout, so a plan is reused for up to ``REPLAN_INTERVAL_S`` while only workload objects
+        changed; a change of intent (a spec, pool, node or the FleetPolicy) always re-plans. A caller
+        given a stale plan looks again once the interval is over, so nothing is left unplanned.
+        """
         with self._plan_lock:
-            gen = self._gen
+            gen, spec_gen, now = self._gen, self._spec_gen, time.monotonic()
             owned = self.owned_by()
-            if self._memo is not None and self._memo[0] == gen:
-                return self._memo[1], self._memo[2], owned
+            if self._memo is not None and self._memo[0] == spec_gen:
+                age = now - self._memo[2]
+                if self._memo[1] == gen:
+                    return self._memo[3], self._memo[4], owned, 0.0
+                if age < REPLAN_INTERVAL_S:
+                    return self._memo[3], self._memo[4], owned, REPLAN_INTERVAL_S - age
+            gpus, serving = self.telemetry() if self.telemetry is not None else ((), ())
             built = build_snapshot(
+                gpu_telemetry=gpus,
+                serving=serving,
                 pools=self.informers["AcceleratorPool"].items(),
                 power_domains=self.informers["PowerDomain"].items(),
                 deployments=self.informers["ModelDeployment"].items(),
@@ -255,15 +284,25 @@ class Controller:
                 owned=owned,
                 now=time.time(),
             )
-            plans = run_pipeline(built.snapshot)
+            spec = self.fleet_policy().spec
+            outcome = run_pipeline(built.snapshot, spec.policies, spec.solver_time_limits, self._pipeline_state)
+            plans, self._pipeline_state = outcome.plans, outcome.state
+            for note in outcome.notes:
+                log.warning("policy pipeline: %s", note)
+            dry = self.dry_run or spec.dry_run
+            for plan in plans:  # node-level actions (caps, routing) once per distinct plan
+                if plan.id not in self._applied_node_plans:
+                    for done in self.executor.apply_node_actions(plan, dry_run=dry):
+                        log.info("%s%s", "dry-run: " if dry else "", done)
+            self._applied_node_plans = {p.id for p in plans}
             for plan in plans:
                 self.metrics.solver_seconds.labels(plan.policy.value).observe(plan.explanation.solve_ms / 1000)
                 self.metrics.solver_status.labels(plan.policy.value, plan.explanation.solver_status.value).inc()
                 for action in plan.actions:  # level-triggered fan-out: whoever has work gets a pass
                     if isinstance(action, SetReplicas):
                         self.queue.add(MD + action.deployment)
-            self._memo = (gen, built, plans)
-            return built, plans, owned
+            self._memo = (spec_gen, gen, now, built, plans)
+            return built, plans, owned, 0.0
 
     # -- one pass ----------------------------------------------------------------------------------------
     def reconcile(self, key: str) -> float | None:
@@ -306,7 +345,7 @@ class Controller:
             self.kube.patch("ModelDeployment", name, {"metadata": {
                 "finalizers": [*(meta.get("finalizers") or []), FINALIZER],
                 "resourceVersion": meta["resourceVersion"]}}, ns)
-        built, plans, owned = self.fleet()
+        built, plans, owned, stale_s = self.fleet()
         wall = time.time()
         if key in built.invalid:
             self._write_status_invalid(obj, built.invalid[key], wall)
@@ -327,7 +366,7 @@ class Controller:
         result = self.executor.apply_plan(plans, md, key, built.pools, objects, budget, dry_run=dry)
         for change in result.changes:
             self.metrics.writes.labels(change.op, change.kind).inc()
-        problem = self._problem(md, key, built, placement)
+        problem = self._problem(md, key, built, plans)
         mine = [a for a in placement.actions if isinstance(a, SetReplicas) and a.deployment == key]
         decision = None
         if mine:
@@ -344,9 +383,9 @@ class Controller:
         self._write_status(obj, md, status, problem, decision, dry)
         if result.limited:
             return 2.0
-        return None
+        return stale_s + 0.05 if stale_s else None
 
-    def _problem(self, md: api.ModelDeployment, key: str, built: Built, placement: Plan) -> Problem | None:
+    def _problem(self, md: api.ModelDeployment, key: str, built: Built, plans: list[Plan]) -> Problem | None:
         ns = md.metadata["namespace"]
         if md.spec.fallback is not None:
             fb = convert.deployment_key(ns, md.spec.fallback.deployment)
@@ -356,7 +395,7 @@ class Controller:
         if not built.pools or (allowed and not set(allowed) & set(built.pools)):
             wanted = ", ".join(allowed) if allowed else "any"
             return Problem("NoAllowedPool", f"no AcceleratorPool matches the allowed pools ({wanted})")
-        short = unplaced(placement, key)
+        short = shortfall(built.snapshot, plans, key)
         if short:
             devices = md.spec.parallelism.tp * md.spec.parallelism.pp
             return Problem("InsufficientCapacity",

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from controller.pipeline import plan_placement_minimum, unplaced
+import pytest
+
+from controller.api.models import PoliciesEnabled
+from controller.pipeline import plan_placement_minimum, run_pipeline, shortfall
 from controller.snapshot_builder import build_snapshot
 from policies.plan import Reason, SetReplicas
 from tests.controller.helpers import md_obj, node_obj, pool_obj
@@ -31,16 +34,17 @@ def replicas(plan: Any) -> dict[tuple[str, str], int]:
 def test_min_replicas_land_in_preferred_pool_first() -> None:
     b = build([md_obj("a", preferredPools=["l4"], minReplicas=3, parallelism={"tp": 2})], {"h100": 1, "l4": 1})
     plan = plan_placement_minimum(b.snapshot)
+    unplaced = lambda d: shortfall(b.snapshot, [plan], d)  # noqa: E731
     # l4 node has 4 GPUs: two 2-GPU replicas there, the third spills to h100
     assert replicas(plan) == {("ns1/a", "l4"): 2, ("ns1/a", "h100"): 1}
-    assert plan.explanation.reason is Reason.BOUNDS_CHANGED and unplaced(plan, "ns1/a") == 0
+    assert plan.explanation.reason is Reason.BOUNDS_CHANGED and unplaced("ns1/a") == 0
 
 
 def test_allowed_pools_are_respected_and_shortfall_reported() -> None:
     b = build([md_obj("a", allowedPools=["l4"], minReplicas=3, parallelism={"tp": 4})], {"h100": 4, "l4": 2})
     plan = plan_placement_minimum(b.snapshot)
     assert replicas(plan) == {("ns1/a", "l4"): 2}
-    assert plan.explanation.reason is Reason.INSUFFICIENT_CAPACITY and unplaced(plan, "ns1/a") == 1
+    assert plan.explanation.reason is Reason.INSUFFICIENT_CAPACITY and shortfall(b.snapshot, [plan], "ns1/a") == 1
 
 
 def test_wide_replicas_need_whole_distinct_nodes() -> None:
@@ -52,9 +56,10 @@ def test_wide_replicas_need_whole_distinct_nodes() -> None:
 def test_higher_priority_is_placed_first_under_scarcity() -> None:
     mds = [md_obj("be", priority="best-effort", minReplicas=2, parallelism={"tp": 8}),
            md_obj("lc", priority="latency-critical", minReplicas=2, parallelism={"tp": 8})]
-    plan = plan_placement_minimum(build(mds, {"h100": 2}).snapshot)
+    b = build(mds, {"h100": 2})
+    plan = plan_placement_minimum(b.snapshot)
     assert replicas(plan) == {("ns1/lc", "h100"): 2}
-    assert unplaced(plan, "ns1/be") == 2
+    assert shortfall(b.snapshot, [plan], "ns1/be") == 2
 
 
 def test_existing_replicas_are_kept_and_plan_is_noop_when_converged() -> None:
@@ -89,3 +94,27 @@ def test_builder_maps_nodes_to_pools_by_selector() -> None:
     b = build([], {"h100": 2, "l4": 1})
     assert {n.name: (n.pool, n.gpus) for n in b.snapshot.nodes} == {
         "h100-0": ("h100", 8), "h100-1": ("h100", 8), "l4-0": ("l4", 4)}
+
+
+def test_pipeline_runs_the_real_placement_when_enabled() -> None:
+    b = build([md_obj("a", minReplicas=2, parallelism={"tp": 2})], {"h100": 2, "l4": 2})
+    out = run_pipeline(b.snapshot, PoliciesEnabled(placement=True))
+    placement = [p for p in out.plans if p.policy.value == "placement"]
+    assert len(placement) == 1 and placement[0].explanation.fallback != "min-replicas-first-fit"
+    assert sum(r for (d, _), r in replicas(placement[0]).items() if d == "ns1/a") == 2
+    assert shortfall(b.snapshot, out.plans, "ns1/a") == 0 and out.notes == ()
+
+
+def test_pipeline_uses_the_stand_in_when_placement_is_off_or_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    b = build([md_obj("a", minReplicas=2, parallelism={"tp": 2})], {"h100": 2})
+    off = run_pipeline(b.snapshot, PoliciesEnabled(placement=False))
+    assert [p.explanation.fallback for p in off.plans] == ["min-replicas-first-fit"]
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("solver exploded")
+
+    monkeypatch.setattr("policies.pipeline.run_pipeline", broken)
+    failed = run_pipeline(b.snapshot, PoliciesEnabled(placement=True))
+    assert [p.explanation.fallback for p in failed.plans] == ["min-replicas-first-fit"]
+    assert failed.notes and "solver exploded" in failed.notes[0]
+    assert replicas(failed.plans[0]) == {("ns1/a", "h100"): 2}
