@@ -26,6 +26,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="also run every stage's baseline and a static (all off) fleet")
     parser.add_argument("--data-dir", default=None, help="data directory for data:... paths (default ../shared/data)")
     parser.add_argument("--duration", type=float, default=None, help="override the scenario's duration (s)")
+    parser.add_argument("--ray", default=None, metavar="ADDRESS",
+                        help="run each policy set as a Ray task: 'local' starts Ray here, otherwise a cluster "
+                             "address (ray://host:10001 or auto)")
     parser.add_argument("--dump-snapshots", action="store_true",
                         help="with --out: write each cycle's snapshot (snapshots/<set>/t<seconds>.json) for "
                              "`wattplane plan NAME --snapshot FILE`")
@@ -43,6 +46,38 @@ def simulate(scenario: Scenario, seed: int, compare: str | None = None, base_dir
         results.append(Simulation(scenario, config, load, seed, policy_set=name, progress=bar,
                                   on_snapshot=dump, base_dir=base_dir, data_dir=data_dir).run())
     return results
+
+
+def simulate_on_ray(scenario: Scenario, seed: int, address: str, compare: str | None = None,
+                    base_dir: Path | None = None, data_dir: str | None = None) -> list[SimResult]:
+    """The same runs as :func:`simulate`, one Ray task per policy set (sweeps bigger than one machine).
+
+    Each task regenerates the load from the seed, so tasks ship only the scenario, never arrays;
+    results come back as :class:`SimResult` values (numpy series pickle cheaply).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        if address == "local":
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+    task = ray.remote(_run_one)
+    sets = scenario.policy_sets(compare)
+    refs = [task.remote(scenario.model_dump_json(), name, config.model_dump_json(), seed,
+                        str(base_dir) if base_dir else None, data_dir) for name, config in sets.items()]
+    return list(ray.get(refs))
+
+
+def _run_one(scenario_json: str, name: str, config_json: str, seed: int, base_dir: str | None,
+             data_dir: str | None) -> SimResult:
+    from policies.pipeline import PipelineConfig
+
+    scenario = Scenario.model_validate_json(scenario_json)
+    base = Path(base_dir) if base_dir else None
+    load = generate_load(scenario, seed, base, data_dir)
+    config = PipelineConfig.model_validate_json(config_json)
+    return Simulation(scenario, config, load, seed, policy_set=name, base_dir=base, data_dir=data_dir).run()
 
 
 def _dumper(folder: Path) -> Callable[[Snapshot], None]:
@@ -67,8 +102,11 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         dump = Path(args.out) / "snapshots" if args.out and args.dump_snapshots else None
-        results = simulate(scenario, seed, args.compare, path.parent, args.data_dir,
-                           show_progress=not args.json, dump_dir=dump)
+        if args.ray:
+            results = simulate_on_ray(scenario, seed, args.ray, args.compare, path.parent, args.data_dir)
+        else:
+            results = simulate(scenario, seed, args.compare, path.parent, args.data_dir,
+                               show_progress=not args.json, dump_dir=dump)
     except MissingDataError as exc:
         sys.stderr.write(f"wattplane simulate: {exc}\n")
         return 2
