@@ -71,8 +71,8 @@ class Agent:
         self.source = source
         self.scraper = scraper
         self.limits = Limits(source)
-        self.applier = CommandApplier(self.limits)
         self.guard = PowerGuard(config.guard, self.limits)
+        self.applier = CommandApplier(self.limits, on_node_share=self._set_node_share)
         self._rng = rng or random.Random()
         self._clock = clock
         self.report_interval_s = config.report_interval_s
@@ -229,6 +229,10 @@ class Agent:
                 sender.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sender
+
+    def _set_node_share(self, watts: float) -> None:
+        self.guard.config.share_w = watts
+        log.info("node share of the power domain is now %.0f W", watts)
 
     def _on_welcome(self, welcome: pb.Welcome) -> None:
         self.connected = True

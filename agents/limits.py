@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from agents.sources import DeviceInfo, GPUSource, SourceError
 from protos.wattplane.v1 import agent_pb2 as pb
@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 MIN_REPORT_INTERVAL_S = 0.1
 MAX_REPORT_INTERVAL_S = 300.0
+MAX_NODE_SHARE_W = 1_000_000.0
 REMEMBERED_COMMANDS = 4096
 
 
@@ -63,9 +64,10 @@ def clamp(x: float, lo: float, hi: float) -> float:
 class CommandApplier:
     """Applies controller commands to :class:`Limits`; answers each command id once."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, on_node_share: Callable[[float], None] | None = None) -> None:
         self.limits = limits
         self.report_interval_s: float | None = None  # set by SetReportInterval
+        self._on_node_share = on_node_share
         self._done: OrderedDict[str, pb.CommandResult] = OrderedDict()
 
     def apply(self, cmd: pb.Command) -> pb.CommandResult:
@@ -140,6 +142,18 @@ class CommandApplier:
                 )
             self.report_interval_s = s
             return _result(pb.COMMAND_STATUS_APPLIED, f"report interval {s} s")
+        if kind == "set_node_share" and self._on_node_share is not None:
+            w = cmd.set_node_share.watts
+            if not 0.0 <= w <= MAX_NODE_SHARE_W:
+                return _result(pb.COMMAND_STATUS_OUT_OF_RANGE, f"node share {w} W outside [0, {MAX_NODE_SHARE_W}]")
+            self._on_node_share(w)
+            floor = sum(d.min_power_w for d in lim.devices)
+            note = (
+                f"; below the node's minimum {floor} W: the guard can only hold devices at their minimum"
+                if 0 < w < floor
+                else ""
+            )
+            return _result(pb.COMMAND_STATUS_APPLIED, f"node share {w} W{note}")
         return _result(pb.COMMAND_STATUS_UNSUPPORTED, f"unknown command {kind!r}")
 
     def _sync(self, targets: list[int]) -> pb.CommandResult:

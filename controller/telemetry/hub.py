@@ -139,6 +139,7 @@ class TelemetryHub:
         self.lag = LagRecorder(self.config.lag_samples)
         self._sessions: dict[str, _Session] = {}
         self._domains: dict[str, str] = {}
+        self._shares: dict[str, float] = {}
         self._ids = itertools.count(1)
 
     # -- the gRPC side ------------------------------------------------------------------
@@ -230,7 +231,11 @@ class TelemetryHub:
 
     def _welcome(self, hello: pb.NodeHello) -> pb.ControllerMessage:
         return pb.ControllerMessage(
-            welcome=pb.Welcome(protocol_version=PROTOCOL_VERSION, report_interval_s=self.config.report_interval_s)
+            welcome=pb.Welcome(
+                protocol_version=PROTOCOL_VERSION,
+                report_interval_s=self.config.report_interval_s,
+                node_share_w=self._shares.get(hello.node_name, 0.0),
+            )
         )
 
     def _open_session(self, hello: pb.NodeHello, identity: Identity) -> _Session:
@@ -313,6 +318,18 @@ class TelemetryHub:
         self._domains = dict(node_domains)
         for name, state in self.nodes.items():
             state.power_domain = self._domains.get(name) or state.hello.power_domain or None
+
+    def set_node_shares(self, shares: dict[str, float]) -> list[str]:
+        """Each node's share of its domain budget (W) for its local guard: sent in the Welcome,
+        and as a ``SetNodeShare`` command to connected nodes whose share changed. Returns the ids."""
+        sent = []
+        for node, watts in shares.items():
+            if self._shares.get(node) == watts:
+                continue
+            self._shares[node] = watts
+            if node in self._sessions:
+                sent.append(self.send_command(node, pb.Command(set_node_share=pb.SetNodeShare(watts=watts))))
+        return sent
 
     def now(self) -> float:
         return self._clock()

@@ -335,3 +335,47 @@ def test_summary_aggregates_serving_load_and_expert_tokens_across_nodes() -> Non
         await server.stop(0)
 
     run(body())
+
+
+def test_node_share_from_the_controller_drives_the_local_guard() -> None:
+    async def body() -> None:
+        hub = make_hub()
+        server, port = await start_server(hub)
+        hot = make_agent("hot", port)
+        hot.source.set_load(constant_load(1.0, 1.0))  # ~TDP on every GPU: 5,600 W
+        async with Running(hot):
+            await until(lambda: "hot" in hub.nodes and hub.nodes["hot"].connected)
+            assert not hot.guard.active
+            (cid,) = hub.set_node_shares({"hot": 3000.0, "later": 2500.0})
+            assert (await hub.wait_result(cid, 5)).status == pb.COMMAND_STATUS_APPLIED
+            await until(lambda: sum(s.power_w for s in hot.source.sample()) <= 3000.0, timeout=1.0)
+            assert hot.guard.active
+            later = make_agent("later", port)
+            async with Running(later):
+                await until(lambda: later.connected)
+                assert later.guard.config.share_w == 2500.0  # delivered in the Welcome
+        await server.stop(0)
+
+    run(body())
+
+
+def test_agent_command_line_reports_to_a_hub() -> None:
+    import subprocess
+    import sys
+
+    async def body() -> None:
+        hub = make_hub()
+        server, port = await start_server(hub)
+        cmd = [sys.executable, "-m", "wattplane", "agent", "--source", "simulated", "--hub", f"127.0.0.1:{port}",
+               "--token", TOKEN, "--node-name", "cli-node", "--sim-gpus", "2", "--report-interval", "0.1"]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            await until(lambda: "cli-node" in hub.nodes and hub.nodes["cli-node"].reports >= 2, timeout=15)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        assert hub.nodes["cli-node"].hello.source == "simulated"
+        assert len(hub.nodes["cli-node"].last_report.gpus) == 2
+        await server.stop(0)
+
+    run(body(), timeout=30)

@@ -479,6 +479,28 @@ class SetReportInterval(_message.Message):
 Global___SetReportInterval: _TypeAlias = SetReportInterval  # noqa: Y015
 
 @_typing.final
+class SetNodeShare(_message.Message):
+    """The node's share of its power domain budget, which the agent-local guard enforces."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WATTS_FIELD_NUMBER: _builtins.int
+    watts: _builtins.float
+    """0 disables the local guard and fail-safe"""
+    def __init__(
+        self,
+        *,
+        watts: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["watts", b"watts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetNodeShare: _TypeAlias = SetNodeShare  # noqa: Y015
+
+@_typing.final
 class Command(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -487,6 +509,7 @@ class Command(_message.Message):
     SET_CLOCK_LIMIT_FIELD_NUMBER: _builtins.int
     CLEAR_LIMITS_FIELD_NUMBER: _builtins.int
     SET_REPORT_INTERVAL_FIELD_NUMBER: _builtins.int
+    SET_NODE_SHARE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     @_builtins.property
     def set_power_limit(self) -> Global___SetPowerLimit: ...
@@ -496,6 +519,8 @@ class Command(_message.Message):
     def clear_limits(self) -> Global___ClearLimits: ...
     @_builtins.property
     def set_report_interval(self) -> Global___SetReportInterval: ...
+    @_builtins.property
+    def set_node_share(self) -> Global___SetNodeShare: ...
     def __init__(
         self,
         *,
@@ -504,12 +529,13 @@ class Command(_message.Message):
         set_clock_limit: Global___SetClockLimit | None = ...,
         clear_limits: Global___ClearLimits | None = ...,
         set_report_interval: Global___SetReportInterval | None = ...,
+        set_node_share: Global___SetNodeShare | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "clear_limits", b"clear_limits", "set_clock_limit", b"set_clock_limit", "set_power_limit", b"set_power_limit", "set_report_interval", b"set_report_interval"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "clear_limits", b"clear_limits", "set_clock_limit", b"set_clock_limit", "set_node_share", b"set_node_share", "set_power_limit", b"set_power_limit", "set_report_interval", b"set_report_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "clear_limits", b"clear_limits", "id", b"id", "set_clock_limit", b"set_clock_limit", "set_power_limit", b"set_power_limit", "set_report_interval", b"set_report_interval"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "clear_limits", b"clear_limits", "id", b"id", "set_clock_limit", b"set_clock_limit", "set_node_share", b"set_node_share", "set_power_limit", b"set_power_limit", "set_report_interval", b"set_report_interval"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["set_power_limit", "set_clock_limit", "clear_limits", "set_report_interval"]  # noqa: Y015
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["set_power_limit", "set_clock_limit", "clear_limits", "set_report_interval", "set_node_share"]  # noqa: Y015
     _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
 
