@@ -117,6 +117,8 @@ class Agent:
                 await self._report_once()
             except SourceError as exc:
                 log.warning("reading devices failed: %s", exc)
+            except Exception:  # a bug here must not stop reporting or the guard
+                log.exception("building a report failed")
             await asyncio.sleep(self.applier.report_interval_s or self.report_interval_s)
 
     async def _report_once(self) -> None:
@@ -146,6 +148,8 @@ class Agent:
                 self.guard_step()
             except SourceError as exc:
                 log.warning("guard step failed: %s", exc)
+            except Exception:  # the guard loop must outlive any single failure
+                log.exception("guard step failed")
             await asyncio.sleep(self.config.guard.period_s)
 
     def guard_step(self) -> None:

@@ -146,11 +146,10 @@ class EngineScraper:
         for target in self.targets:
             try:
                 text = await asyncio.to_thread(self._fetch, target.url)
-            except Exception as exc:  # any transport error: the engine may be restarting
+                out.append(self.sample(target, text))
+            except Exception as exc:  # transport error or a malformed page: the engine may be restarting
                 self.errors += 1
                 log.debug("scrape of %s failed: %s", target.url, exc)
-                continue
-            out.append(self.sample(target, text))
         return out
 
     def sample(self, target: EngineTarget, text: str) -> pb.ReplicaSample:

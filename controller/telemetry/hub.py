@@ -177,7 +177,10 @@ class TelemetryHub:
 
     async def _authenticate(self, context: grpc.aio.ServicerContext[bytes, bytes]) -> Identity:
         token = bearer_token(context.invocation_metadata())
-        identity = await self._auth.authenticate(token) if token else None
+        try:
+            identity = await self._auth.authenticate(token) if token else None
+        except Exception as exc:  # the agent retries with backoff; UNAVAILABLE says "not your fault"
+            raise Rejected(RejectReason.AUTH_UNAVAILABLE, f"cannot check the token now: {exc}") from None
         if identity is None:
             raise Rejected(RejectReason.UNAUTHENTICATED, "missing or invalid bearer token")
         return identity

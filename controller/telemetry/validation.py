@@ -30,6 +30,7 @@ class RejectReason(StrEnum):
     OVERSIZED = "oversized"
     OUT_OF_RANGE = "out_of_range"
     PROTOCOL = "protocol"  # wrong message order or version
+    AUTH_UNAVAILABLE = "auth_unavailable"  # the authenticator itself failed (e.g. API server down)
 
 
 STATUS: dict[RejectReason, grpc.StatusCode] = {
@@ -39,6 +40,7 @@ STATUS: dict[RejectReason, grpc.StatusCode] = {
     RejectReason.OVERSIZED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     RejectReason.OUT_OF_RANGE: grpc.StatusCode.OUT_OF_RANGE,
     RejectReason.PROTOCOL: grpc.StatusCode.FAILED_PRECONDITION,
+    RejectReason.AUTH_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
 }
 
 

@@ -379,3 +379,28 @@ def test_agent_command_line_reports_to_a_hub() -> None:
         await server.stop(0)
 
     run(body(), timeout=30)
+
+
+def test_node_bound_tokens_and_a_failing_authenticator() -> None:
+    from controller.telemetry import Identity
+
+    class Broken:
+        async def authenticate(self, token: str) -> Identity | None:
+            raise ConnectionError("API server unreachable")
+
+    async def body() -> None:
+        hub = TelemetryHub(StaticTokenAuthenticator({"bound": Identity(user="sa", node="n1")}))
+        server, port = await start_server(hub)
+        assert (
+            await raw_stream(port, [hello("n2").SerializeToString()], token="bound")
+            is grpc.StatusCode.PERMISSION_DENIED
+        )
+        assert await raw_stream(port, [hello("n1").SerializeToString()], token="bound") is grpc.StatusCode.OK
+        await server.stop(0)
+        broken = TelemetryHub(Broken())
+        server, port = await start_server(broken)
+        assert await raw_stream(port, [hello("n1").SerializeToString()]) is grpc.StatusCode.UNAVAILABLE
+        assert broken.rejected == {"auth_unavailable": 1} and hub.rejected == {"permission_denied": 1}
+        await server.stop(0)
+
+    run(body())
