@@ -67,41 +67,58 @@ class Search:
     flow_status: SolverStatus = SolverStatus.NOT_RUN
     flow_accepted: bool = False
     flow_bound: float | None = None  # proven lower bound on the fragment from the whole-cluster model
+    polish_steps: int = 0
 
 
 def plan_reschedule(
     snapshot: Snapshot, config: RescheduleConfig, state: RescheduleState | None = None, clock: Clock | None = None
 ) -> Plan:
     """Emit at most ``config.mnl`` ``MigratePod`` actions that lower fragmentation; honour PDBs and do-not-move."""
-    # The budget covers the whole call; 15% of it is kept for ordering and scoring the moves.
-    deadline = clock() + 0.85 * config.time_limit_s if clock is not None else None
+    # The budget covers the whole call: greedy and the final polish may use 85% of it, the CP-SAT
+    # search stops at 70%, and the rest is kept for ordering and scoring the moves.
+    start = clock() if clock is not None else 0.0
     state = state or RescheduleState()
     packing = Packing.from_snapshot(snapshot, config.form, vm_cores=config.vm_cores,
                                     pending_weight=config.pending_weight)
     budget = budget_of(snapshot, config.mnl)
     before = packing.copy()
 
-    def out_of_time() -> bool:
-        return deadline is not None and clock is not None and clock() >= deadline
+    def past(share: float) -> Callable[[], bool]:
+        return lambda: clock is not None and clock() >= start + share * config.time_limit_s
+
+    out_of_time, search_over = past(0.85), past(0.7)
 
     def time_left() -> float:
-        return max(deadline - clock(), 0.0) if deadline is not None and clock is not None else config.time_limit_s
+        return max(start + 0.7 * config.time_limit_s - clock(), 0.0) if clock is not None else config.time_limit_s
 
     steps = greedy_moves(packing, budget, out_of_time)
     search = Search(before.fragment(), packing.fragment(), steps, statuses={})
     greedy = packing.copy()
-    if config.form is Form.NUMA and config.mnl > 0 and not out_of_time():
+    if config.form is Form.NUMA and config.mnl > 0 and not search_over():
         packing = improve_flow(before, packing, budget, config, search, time_left if clock is not None else None)
     proven = search.flow_bound is not None and packing.fragment() <= search.flow_bound + 1e-9
     if config.use_lns and config.mnl > 0 and not proven:
-        packing = improve_lns(packing, budget, config, search, out_of_time, time_left if clock is not None else None)
+        packing = improve_lns(packing, budget, config, search, search_over, time_left if clock is not None else None)
     # The plan names nodes, not devices: score what the moves give when run one by one with the
     # scheduler's best-fit device choice, and keep the greedy plan if the search's is not better then.
     realised, order = realise(before, packing)
-    if realised is not packing and realised.fragment() > search.frag_greedy + 1e-9:
-        realised, order = realise(before, greedy)
-        search.lns_accepted = 0
-        search.flow_accepted = False
+    if search.lns_accepted or search.flow_accepted:
+        fallback, fallback_order = realise(before, greedy)
+        if realised.fragment() > fallback.fragment() + 1e-9:
+            realised, order = fallback, fallback_order
+            search.lns_accepted = 0
+            search.flow_accepted = False
+    # Executed moves can land on other devices than the search assumed (a pod moved twice by greedy
+    # migrates once): polish the executed state with more single moves while they help.
+    for _ in range(3):
+        extra = realised.copy()
+        if greedy_moves(extra, budget, out_of_time) == 0:
+            break
+        polished, polished_order = realise(before, extra)
+        if polished.fragment() >= realised.fragment() - 1e-9:
+            break
+        realised, order = polished, polished_order
+        search.polish_steps += 1
     return to_plan(before, realised, order, config, state, search)
 
 
@@ -678,6 +695,7 @@ def to_plan(
             "lns_steps": float(search.lns_steps),
             "lns_accepted": float(search.lns_accepted),
             "flow_accepted": float(search.flow_accepted),
+            "polish_rounds": float(search.polish_steps),
             "whole_gpus_free": float(after.whole_gpus_free()),
             "pending_placeable": float(placed),
             "pending_placeable_gpus": float(placed_gpus),

@@ -32,9 +32,10 @@ def movable_items(packing: Packing) -> list[int]:
 
 
 def can_move(packing: Packing, i: int, moved: set[int], pdb_used: Mapping[str, int], budget: MoveBudget) -> bool:
-    """A new migration must fit the MNL and its PDB; an item already moved may move again for free."""
+    """A new migration must fit the MNL and its PDB. A pod migrates once per plan: moving it again would
+    be one migration whose device choice differs from what the sequence assumed."""
     if i in moved:
-        return True
+        return False
     if len(moved) >= budget.mnl:
         return False
     pdb = packing.items[i].pdb
