@@ -348,5 +348,21 @@ class TelemetryHub:
         now = self._clock()
         return (s for s in self.nodes.values() if not s.stale(now, self.config.stale_after_s))
 
+    def forget(self, older_than_s: float) -> list[str]:
+        """Drop disconnected nodes silent for ``older_than_s`` (scaled-in nodes), so state and
+        metric series do not grow with node churn; their finished commands go too."""
+        now = self._clock()
+        gone = [
+            n
+            for n, s in self.nodes.items()
+            if n not in self._sessions and now - (s.last_report_at or s.connected_at) > older_than_s
+        ]
+        for name in gone:
+            del self.nodes[name]
+        self.commands = {
+            cid: r for cid, r in self.commands.items() if not (r.node in gone and r.state is CommandState.DONE)
+        }
+        return sorted(gone)
+
     def connected_agents(self) -> int:
         return len(self._sessions)

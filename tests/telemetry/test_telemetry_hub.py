@@ -178,6 +178,9 @@ def test_stale_nodes_are_marked_and_left_out_of_the_snapshot() -> None:
         assert hub.stale_nodes() == ["a", "b"]
         summary = summarise(hub)
         assert summary.gpu_telemetry == () and summary.stale_nodes == ("a", "b")
+        assert hub.forget(older_than_s=60.0) == []  # stale is not gone
+        now[0] += 60.0
+        assert hub.forget(older_than_s=60.0) == ["a", "b"] and hub.nodes == {}
         await server.stop(0)
 
     run(body())
