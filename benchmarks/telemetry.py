@@ -335,7 +335,12 @@ def run(args: argparse.Namespace) -> list[Case]:
     window = args.measure if args.measure is not None else (4.0 if quick else 10.0)
     cases: list[Case] = []
     best: dict[str, float] = {m: 0.0 for m in args.methods}
-    failed: set[str] = set()
+    failed: dict[str, int] = {}  # method -> the first node count it did not sustain
+
+    def params(n: int) -> dict[str, Any]:
+        return {"nodes": n, "gpus_per_node": GPUS_PER_NODE, "report_hz": 1.0, "generators": args.generators,
+                "agents_per_channel": args.agents_per_channel, "warmup_s": warmup, "measure_s": window}  # fmt: skip
+
     for n in sorted(steps):
         methods: dict[str, dict[str, float]] = {}
         for method in args.methods:
@@ -346,12 +351,18 @@ def run(args: argparse.Namespace) -> list[Case]:
             if result["sustained"]:
                 best[method] = n
             else:
-                failed.add(method)
+                failed[method] = n
         if not methods:
             break
-        params = {"nodes": n, "gpus_per_node": GPUS_PER_NODE, "report_hz": 1.0, "generators": args.generators,
-                  "agents_per_channel": args.agents_per_channel, "warmup_s": warmup, "measure_s": window}  # fmt: skip
-        cases.append(Case(name=f"{n}-nodes-1hz", params=params, methods=methods))
+        cases.append(Case(name=f"{n}-nodes-1hz", params=params(n), methods=methods))
+    if not quick:  # one bisection step between the last sustained and the first failed count
+        for method, bad in failed.items():
+            mid = int(round((best[method] + bad) / 2 / 250) * 250)
+            if best[method] < mid < bad:
+                result = measure(method, mid, args, warmup, window)
+                cases.append(Case(name=f"{mid}-nodes-1hz", params=params(mid), methods={method: result}))
+                if result["sustained"]:
+                    best[method] = mid
     cases.append(
         Case(
             name="max-sustained-nodes",
