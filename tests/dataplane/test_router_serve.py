@@ -53,7 +53,7 @@ PROMPT_WORDS = 100
 TIME_SCALE = 3.3
 LARGE_SLOTS = 4
 SMALL_SLOTS = 8
-SLO_P99_S = 1.5  # end-to-end p99 latency target of this test's service
+SLO_P99_S = 2.0  # end-to-end p99 latency target of this test's service (5x the unloaded 0.4 s)
 CONTROL_PERIOD_S = 0.5
 
 WORDS = (
@@ -205,6 +205,7 @@ async def burst(served: Served, rate: float, seconds: float, control: bool) -> t
     latencies: list[float] = []
     routes: list[str] = []
     stop = asyncio.Event()
+    floors: list[bool] = []
 
     async def controller() -> None:
         state = RoutingState()
@@ -223,6 +224,8 @@ async def burst(served: Served, rate: float, seconds: float, control: bool) -> t
             state = RoutingState.model_validate(plan.state)
             for a in plan.actions:
                 if isinstance(a, SetRoutingShare):
+                    assert LARGE.fallback is not None
+                    floors.append(a.expected_quality >= LARGE.fallback.quality_floor - 1e-9)
                     a = a.model_copy(update={"version": a.version + next_version()})
                     await asyncio.to_thread(port.set_routing_share, a)
 
@@ -246,6 +249,7 @@ async def burst(served: Served, rate: float, seconds: float, control: bool) -> t
         stop.set()
         if ctl is not None:
             await ctl
+            assert floors and all(floors), "a pushed table went below the quality floor"
     return latencies, routes
 
 
@@ -267,6 +271,8 @@ def test_burst_shifts_to_fallback_and_keeps_p99_under_slo(served: Served) -> Non
     # ours: the controller loop measures load each period and pushes the LP's table
     lat_ours, routes_ours = asyncio.run(burst(served, rate, 4.0, control=True))
     share = routes_ours.count("small") / len(routes_ours)
+    print(f"burst {rate:.1f} req/s for 4 s: large only p99 {p99(lat_large):.2f} s; routed p99 {p99(lat_ours):.2f} s "
+          f"with {share:.0%} on the fallback (SLO {SLO_P99_S} s)")
     assert p99(lat_large) > SLO_P99_S, f"large only should violate the SLO: p99 {p99(lat_large):.2f}s"
     assert p99(lat_ours) <= SLO_P99_S, f"p99 {p99(lat_ours):.2f}s with {share:.0%} on the fallback"
     # the plan needs ~1 - 0.8 * capacity / rate = 60% on the fallback once it reacts
