@@ -88,16 +88,15 @@ def scale_scenario(gpus: int, duration_s: float) -> Scenario:
     """A generated heterogeneous fleet of ``gpus`` GPUs (8 per node): H100 50%, A100 30%, L40S 20%."""
     nodes = max(gpus // 8, 3)
     split = {"h100": (0.5, "H100-80GB", 4.0), "a100": (0.3, "A100-80GB", 2.2), "l40s": (0.2, "L40S", 1.2)}
-    pools = []
+    tdp = {"h100": 700, "a100": 400, "l40s": 350}
+    pools: list[dict[str, Any]] = []
+    domains: list[dict[str, Any]] = []
     for name, (share, acc, cost) in split.items():
-        pools.append({"name": name, "accelerator": acc, "nodes": max(1, round(nodes * share)), "gpus_per_node": 8,
-                      "cost_per_device_hour": cost, "power_domain": None})
-    # one power domain (row) per pool, budget at 80% of the GPUs' nameplate power
-    domains = []
-    for p in pools:
-        tdp = {"h100": 700, "a100": 400, "l40s": 350}[p["name"]]
-        domains.append({"name": f"row-{p['name']}", "budget_w": 0.8 * p["nodes"] * 8 * tdp, "safety_margin": 0.05})
-        p["power_domain"] = f"row-{p['name']}"
+        n = max(1, round(nodes * share))
+        # one power domain (row) per pool, budget at 80% of its GPUs' nameplate power
+        pools.append({"name": name, "accelerator": acc, "nodes": n, "gpus_per_node": 8,
+                      "cost_per_device_hour": cost, "power_domain": f"row-{name}"})
+        domains.append({"name": f"row-{name}", "budget_w": 0.8 * n * 8 * tdp[name], "safety_margin": 0.05})
     deployments: list[dict[str, Any]] = []
     k = 0
     scale = gpus / 10_000

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from policies.pipeline import (
     OFF,
@@ -120,3 +122,19 @@ def test_registry_entries_resolve_when_their_module_exists() -> None:
 def test_every_stage_has_ours_registered() -> None:
     for s in STAGE_ORDER:
         assert (s, OURS) in REGISTRY
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    out=st.lists(st.floats(0, 1e5), min_size=2, max_size=4),
+    shares=st.lists(st.floats(0, 1), min_size=1, max_size=3),
+)
+def test_routing_projection_conserves_demand(out: list[float], shares: list[float]) -> None:
+    names = [f"d{i}" for i in range(len(out))]
+    demand = tuple(Demand(deployment=n, output_tokens_per_s=o, input_tokens_per_s=5 * o, requests_per_s=o / 200)
+                   for n, o in zip(names, out, strict=True))
+    actions = [SetRoutingShare(deployment=names[i % len(names)], fallback=names[(i + 1) % len(names)],
+                               threshold=0.5, fallback_share=s) for i, s in enumerate(shares)]
+    moved = project_routing(demand, actions)
+    assert sum(d.output_tokens_per_s for d in moved) == pytest.approx(sum(out), rel=1e-9, abs=1e-6)
+    assert all(d.output_tokens_per_s >= 0 and d.requests_per_s >= 0 for d in moved)

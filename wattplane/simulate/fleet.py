@@ -118,7 +118,8 @@ class SimulatedFleet:
 
     def free_whole(self) -> np.ndarray:
         """Per GPU: usable by a new replica (no owner, no background share, node ready)."""
-        return (self.owner < 0) & (self.bg_milli == 0) & self.node_ready[self.gpu_node]
+        free: np.ndarray = (self.owner < 0) & (self.bg_milli == 0) & self.node_ready[self.gpu_node]
+        return free
 
     def devices(self, dep: int) -> int:
         return self.deployments[dep].parallelism.devices

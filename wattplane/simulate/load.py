@@ -129,7 +129,8 @@ def _token_sums(counts: np.ndarray, mu: float, sd: float, bounds: tuple[int, int
     if total > 20_000_000:  # central limit: sum of n draws ~ normal(n*mean, n*var)
         draws = np.clip(rng.lognormal(mu, sd, 200_000), *bounds)
         m, v = draws.mean(), draws.var()
-        return np.maximum(counts * m + np.sqrt(counts * v) * rng.standard_normal(counts.shape), 0.0)
+        out: np.ndarray = np.maximum(counts * m + np.sqrt(counts * v) * rng.standard_normal(counts.shape), 0.0)
+        return out
     draws = np.clip(np.round(rng.lognormal(mu, sd, total)), *bounds)
     csum = np.concatenate(([0.0], np.cumsum(draws)))
     ends = np.cumsum(counts.astype(np.int64))
