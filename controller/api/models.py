@@ -453,6 +453,10 @@ class FleetPolicySpec(ApiModel):
 class FleetPolicyStatus(ApiModel):
     leader: str = ""
     last_cycle: str | None = None
+    # the policy pipeline's State (policies.pipeline.PipelineState), so hysteresis survives failover
+    pipeline_state: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
     observed_generation: int | None = None
     conditions: Annotated[list[Condition], Field(max_length=16)] = []
 

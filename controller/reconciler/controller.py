@@ -31,6 +31,7 @@ from controller.reconciler.informer import Informer
 from controller.reconciler.queue import ShutDown, WorkQueue
 from controller.reconciler.status import Problem, deployment_status, pool_status, wire
 from controller.snapshot_builder import Built, build_snapshot
+from policies.pipeline import PipelineState
 from policies.plan import Plan, PolicyName, SetReplicas
 from policies.snapshot import GPUTelemetry, ServingTelemetry
 
@@ -67,6 +68,16 @@ def _plan_input(obj: Mapping[str, Any]) -> tuple[Any, ...]:
             bool(obj["metadata"].get("deletionTimestamp")), (obj.get("status") or {}).get("phase"))
 
 
+def restore_state(fleet: api.FleetPolicy) -> PipelineState:
+    """The pipeline State a previous leader saved, or a fresh one when there is none or it is unreadable."""
+    saved = fleet.status.pipeline_state if fleet.status else {}
+    try:
+        return PipelineState.model_validate(saved) if saved else PipelineState()
+    except ValidationError:
+        log.warning("saved pipeline state does not validate; starting fresh")
+        return PipelineState()
+
+
 def _owner(obj: Mapping[str, Any]) -> str | None:
     for ref in obj["metadata"].get("ownerReferences") or []:
         if ref.get("kind") == "ModelDeployment":
@@ -98,7 +109,8 @@ class Controller:
         self._gen_lock = threading.Lock()
         self._plan_lock = threading.Lock()
         self._memo: tuple[int, int, float, Built, list[Plan]] | None = None  # spec_gen, gen, at, ...
-        self._pipeline_state: Any = None  # the policies' State between cycles (in memory; see docs)
+        self._pipeline_state: PipelineState | None = None  # restored from the FleetPolicy status
+        self._state_saved = -1e9
         self._threads: list[threading.Thread] = []
         self.reconcile_count = 0
         inf = self.informers = {
@@ -284,7 +296,10 @@ class Controller:
                 owned=owned,
                 now=time.time(),
             )
-            spec = self.fleet_policy().spec
+            fleet = self.fleet_policy()
+            spec = fleet.spec
+            if self._pipeline_state is None:
+                self._pipeline_state = restore_state(fleet)
             outcome = run_pipeline(built.snapshot, spec.policies, spec.solver_time_limits, self._pipeline_state)
             plans, self._pipeline_state = outcome.plans, outcome.state
             for note in outcome.notes:
@@ -295,6 +310,9 @@ class Controller:
                     for done in self.executor.apply_node_actions(plan, dry_run=dry):
                         log.info("%s%s", "dry-run: " if dry else "", done)
             self._applied_node_plans = {p.id for p in plans}
+            if fleet.metadata.get("resourceVersion") and now - self._state_saved >= spec.reconcile_period_s:
+                self._save_state(outcome.state)
+                self._state_saved = now
             for plan in plans:
                 self.metrics.solver_seconds.labels(plan.policy.value).observe(plan.explanation.solve_ms / 1000)
                 self.metrics.solver_status.labels(plan.policy.value, plan.explanation.solver_status.value).inc()
@@ -303,6 +321,15 @@ class Controller:
                         self.queue.add(MD + action.deployment)
             self._memo = (spec_gen, gen, now, built, plans)
             return built, plans, owned, 0.0
+
+    def _save_state(self, state: PipelineState) -> None:
+        """Persist the pipeline State (and who leads) in the FleetPolicy status; best effort."""
+        body = {"status": {"leader": self.identity, "lastCycle": iso_now(time.time()),
+                           "pipelineState": state.model_dump(mode="json")}}
+        try:
+            self.kube.patch("FleetPolicy", "default", body, subresource="status")
+        except KubeError as exc:
+            log.warning("saving pipeline state failed: %s", exc)
 
     # -- one pass ----------------------------------------------------------------------------------------
     def reconcile(self, key: str) -> float | None:

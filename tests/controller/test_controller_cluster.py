@@ -108,6 +108,10 @@ def test_examples_converge_in_the_right_pools(test_cluster: TestCluster, kube: K
             "devicesAllocated") == h100_gpus and p, 30, what="h100 pool status")
         assert pool["status"]["devicesFree"] == 40 - h100_gpus and pool["status"]["nodesReady"] == 5
         assert c.get("/readyz")[0] == 200
+        fleet = wait_for(lambda: (f := kube.get("FleetPolicy", "default")).get("status", {}).get("leader") and f, 30,
+                         what="FleetPolicy status")
+        assert fleet["status"]["leader"] == c.identity
+        assert "placement/wattplane" in fleet["status"]["pipelineState"]["states"]
         assert c.metric("wattplane_reconcile_total", 'result="success"') > 0
         assert sum(c.metric("wattplane_replicas", f'deployment="llama-70b",namespace="inference",pool="{p}"')
                    for p in ("h100", "a100")) == 2

@@ -118,3 +118,16 @@ def test_pipeline_uses_the_stand_in_when_placement_is_off_or_fails(monkeypatch: 
     assert [p.explanation.fallback for p in failed.plans] == ["min-replicas-first-fit"]
     assert failed.notes and "solver exploded" in failed.notes[0]
     assert replicas(failed.plans[0]) == {("ns1/a", "h100"): 2}
+
+
+def test_pipeline_state_round_trips_through_the_fleet_policy_status() -> None:
+    from controller.api.models import FleetPolicy
+    from controller.reconciler.controller import restore_state
+
+    b = build([md_obj("a", minReplicas=1)], {"h100": 1})
+    out = run_pipeline(b.snapshot, PoliciesEnabled(placement=True))
+    saved = {"metadata": {"name": "default"}, "status": {"pipelineState": out.state.model_dump(mode="json")}}
+    assert restore_state(FleetPolicy.model_validate(saved)) == out.state
+    assert restore_state(FleetPolicy.model_validate({"metadata": {"name": "default"}})).states == {}
+    broken = {"metadata": {"name": "default"}, "status": {"pipelineState": {"states": "not a dict"}}}
+    assert restore_state(FleetPolicy.model_validate(broken)).states == {}
