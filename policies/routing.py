@@ -322,6 +322,12 @@ def _decide_lp(
                     config.time_limit_s)
     solve_ms = need.solve_ms + release.solve_ms
     if need.status not in (SolverStatus.OPTIMAL, SolverStatus.FEASIBLE):
+        # The LP has slack on every capacity row, so this is a solver fault, not a real infeasibility:
+        # keep the table in force (or large only when there is none) and say so.
+        if prev is not None:
+            return (shares_for_total(config.classes, prev.fallback_share), Reason.SOLVER_FALLBACK, need.status,
+                    solve_ms, f"LP {need.status.value}: keeping the previous share (fallback)", metrics,
+                    "hold_previous")
         return (tuple(0.0 for _ in config.classes), Reason.SOLVER_FALLBACK, need.status, solve_ms,
                 f"LP {need.status.value}: large only (fallback)", metrics, "large_only")
     need_total = total_share(config.classes, need.shares)
@@ -392,7 +398,8 @@ def _plan(snapshot: Snapshot, config: RoutingConfig, state: RoutingState, decide
             fallback_share=decision.fallback_share, expected_quality=decision.expected_quality, version=version,
         ))
         summaries.append(f"{dep.name}: {why}")
-        reasons.append(reason if changed or reason in (Reason.QUALITY_FLOOR, Reason.STABILISING) else Reason.NO_CHANGE)
+        sticky = (Reason.QUALITY_FLOOR, Reason.STABILISING, Reason.SOLVER_FALLBACK)  # worth saying even if unchanged
+        reasons.append(reason if changed or reason in sticky else Reason.NO_CHANGE)
         statuses.append(status)
         solve_ms += ms
         objective += quality

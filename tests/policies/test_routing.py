@@ -200,3 +200,19 @@ def test_plan_never_below_floor_and_valid(load: float, floor: float, replicas: i
     a = share_of(plan)
     assert 0.0 <= a.fallback_share <= 1.0
     assert relative_quality(DEFAULT_CLASSES, shares_for_total(DEFAULT_CLASSES, a.fallback_share)) >= floor - 1e-4
+
+
+def test_solver_failure_keeps_previous_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    import policies.routing as routing
+
+    cap = large_capacity(make_snapshot())
+    first = plan_routing(make_snapshot(demand_tok_s=cap * 1.5))
+    unknown = routing.LPResult(shares=tuple(0.0 for _ in DEFAULT_CLASSES), status=SolverStatus.UNKNOWN,
+                               objective=0.0, solve_ms=1.0, shortfall=0.0)
+    monkeypatch.setattr(routing, "solve", lambda *a, **k: unknown)
+    held = plan_routing(make_snapshot(demand_tok_s=cap * 1.5), state=RoutingState.model_validate(first.state))
+    assert held.explanation.reason == Reason.SOLVER_FALLBACK
+    assert held.explanation.fallback == "hold_previous"
+    assert share_of(held).fallback_share == pytest.approx(share_of(first).fallback_share, abs=1e-6)
+    fresh = plan_routing(make_snapshot(demand_tok_s=cap * 1.5))
+    assert fresh.explanation.fallback == "large_only" and share_of(fresh).fallback_share == 0.0
