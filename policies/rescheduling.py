@@ -23,7 +23,7 @@ from ortools.sat.python import cp_model
 
 from policies.baselines.first_fit import pending_placeable
 from policies.baselines.greedy_moves import MoveBudget, greedy_moves, join_delta
-from policies.fragmentation import WHOLE, Form, Packing, Signature, apply_moves
+from policies.fragmentation import WHOLE, Form, Packing, Signature, TaskClass, apply_moves
 from policies.plan import Explanation, MigratePod, Plan, PolicyName, Reason, SolverStatus
 from policies.snapshot import Frozen, NonNegFloat, NonNegInt, PosFloat, PosInt, Snapshot
 
@@ -516,7 +516,7 @@ def _fragment_terms(
         big = WHOLE * bn.gpus
         below: dict[int, list[cp_model.IntVar]] = {}  # below[d][g] = 1 if device g has less than d milli free
         waste: dict[int, list[cp_model.IntVar]] = {}  # waste[d][g] >= free of device g when it is below d
-        for t in packing.mix:
+        for t in model_mix(packing.mix):
             weight = round(t.weight * 1000)
             if weight == 0:
                 continue
@@ -553,6 +553,21 @@ def _fragment_terms(
             m.add_hint(frag, sum(free_now) if not fits_now else sum(f for f in free_now if f < d))
             terms.append(weight * frag)
     return terms
+
+
+def model_mix(mix: tuple[TaskClass, ...]) -> list[TaskClass]:
+    """The task mix as the neighbourhood model sees it: classes with the same GPU request merged
+    (weights added, CPU and memory of the heaviest member kept). Smaller models solve faster; the
+    exact mix still decides, since every neighbourhood result is re-scored before it is kept."""
+    merged: dict[tuple[int, int, str], list[TaskClass]] = {}
+    for t in mix:
+        merged.setdefault((t.num_gpu, t.gpu_milli, t.gpu_model or ""), []).append(t)
+    out = []
+    for _, members in sorted(merged.items()):
+        head = max(members, key=lambda t: (t.weight, t.cpu_milli, t.memory_mib))
+        out.append(TaskClass(head.num_gpu, head.gpu_milli, head.cpu_milli, head.memory_mib, head.gpu_model,
+                             sum(t.weight for t in members)))
+    return out
 
 
 def _canonicalise(packing: Packing, b: int, fixed: list[int]) -> list[list[int]]:
