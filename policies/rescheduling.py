@@ -1,16 +1,22 @@
 """Defragmenting rescheduling: choose at most MNL migrations that leave the least fragmented capacity.
 
 A naive CP-SAT model over every pod and node was worse than greedy in a prior prototype, so the
-search is structured: greedy best-single-move first (a strong warm start, see
-``baselines/greedy_moves``), then large-neighbourhood search where CP-SAT re-packs the pods of a
-few bins at a time (``build_model``/``solve``/``to_plan``), with the migration limit and PDBs
-counted against the snapshot's placement so LNS may also undo a greedy move. A neighbourhood's
-solution is accepted only when the exact fragmentation (re-scored in Python) improves, so the
-result is never worse than the warm start.
+search is structured:
 
-The gap is reported against a simple valid bound: a migration changes at most two bins, so at
-most ``2 * MNL`` bins can lose their fragment (in the NUMA form the remainders also sum to at least
-the total free cores mod the VM size).
+1. greedy best-single-move (``baselines/greedy_moves``): a strong warm start, each pod moved once;
+2. NUMA form (VMs): a whole-cluster CP-SAT *flow* model over migration counts per (NUMA node, VM
+   shape) — exact there, since NUMA nodes differ only in free capacity — hinted with greedy; it
+   often proves the plan optimal, which the explanation reports;
+3. large-neighbourhood search (``build_model``/``solve``): CP-SAT re-packs the pods of a few bins at
+   device level, the MNL and PDBs counted against the snapshot's placement so LNS may also trade a
+   greedy move for a better one; a result is kept only when the exact fragmentation improves;
+4. the result is *executed* (``realise``: migrations in order, best-fit devices, evict-and-wait when
+   a target is full) and polished with more single moves; if the search's executed plan is not
+   better than greedy's, greedy's plan is used, so the plan is never worse than the warm start.
+
+The gap is reported against a valid bound: a migration changes at most two bins, so at most
+``2 * MNL`` bins can lose their fragment (in the NUMA form the remainders also sum to at least the
+total free cores mod the VM size), or the flow model's proven bound when it is stronger.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ class RescheduleConfig(Frozen):
 
     form: Form = Form.GPU
     mnl: NonNegInt = 10  # migration number limit per plan
-    time_limit_s: PosFloat = 5.0  # whole budget: greedy + LNS
+    time_limit_s: PosFloat = 5.0  # the whole call (with a clock); CP-SAT deterministic seconds without one
     vm_cores: PosInt = 16  # NUMA form: the VM size whose unusable cores count as fragment
     pending_weight: NonNegFloat = 4.0  # a pending pod counts this many times in the FGD task mix
     neighbourhood_bins: PosInt = 8  # bins re-packed together in one LNS step
