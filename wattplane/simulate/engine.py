@@ -236,12 +236,11 @@ class Simulation:
         self.tpot_base = np.where(cap > 0, tpot_w / np.maximum(cap, 1e-9), np.inf)
         self.next_ready = next_ready
         # power groups: (pool, role, cap) where role = deployment, -1 idle, -2 background, -3 failed
-        role = np.where(f.owner >= 0, -1, -1)
-        if f.replicas:
-            owner_dep = np.full(len(f.owner), -1, dtype=np.int64)
-            for r in f.replicas.values():
-                owner_dep[r.gpus] = r.deployment if r.ready_at <= now else -1
-            role = owner_dep
+        # a starting replica's GPUs draw idle power while weights load (but are paid for)
+        role = np.full(len(f.owner), -1, dtype=np.int64)
+        for r in f.replicas.values():
+            if r.ready_at <= now:
+                role[r.gpus] = r.deployment
         role = np.where((role == -1) & (f.bg_milli > 0), -2, role)
         role = np.where(~f.node_ready[f.gpu_node], -3, role)
         self.gpu_role = role
