@@ -77,8 +77,9 @@ SATURATED_TOK_S = SATURATED_BATCH / (TPOT_BASE_S + TPOT_PER_SEQ_S * SATURATED_BA
 DRAIN_S = 300  # ticks after the last arrival to let requests finish (not counted in power metrics)
 
 TRACE = "azure-llm-2023/AzureLLMInferenceTrace_conv.csv"
-POLCA_SWEEP_FULL = [(0.75, 0.85), (0.75, 0.9), (0.8, 0.9), (0.8, 0.95), (0.85, 0.95), (0.9, 0.95)]
-POLCA_SWEEP_QUICK = [(0.8, 0.9), (0.85, 0.95), (0.9, 0.95)]
+# (lp_cap_at, all_cap_at) x budget. The top settings run as close to the budget as wattplane's 2% margin.
+POLCA_SWEEP_FULL = [(0.8, 0.9), (0.85, 0.95), (0.9, 0.95), (0.9, 0.98), (0.95, 0.98), (0.96, 0.98)]
+POLCA_SWEEP_QUICK = [(0.85, 0.95), (0.9, 0.95), (0.95, 0.98)]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
