@@ -314,6 +314,7 @@ def measure(method: str, nodes: int, args: argparse.Namespace, warmup: float, wi
         "connected": sum(c["connected"] for c in connected),
         "connect_s": max(c["connect_s"] for c in connected),
         "reports_per_s": round(reports_per_s, 1),
+        "sent_per_s": round(sum(g["sent"] for g in gs) / h["wall"], 1),  # written by the agents
         "lag_p50_ms": round(h["lag_p50_ms"], 2),
         "lag_p99_ms": round(h["lag_p99_ms"], 2),
         "hub_cpu_pct": round(h["cpu_pct"], 1),
