@@ -100,20 +100,24 @@ def test_policies_act_on_the_fleet(small: Scenario) -> None:
 
 def test_power_stays_within_budget_when_power_policy_on_and_feasible() -> None:
     # budget far below the fleet's draw at load, but above its floor (every GPU at min power)
-    # the power stage runs every 5 s (as a POLCA-style loop would); the others are off
     sc = make_scenario(power_domains=[{"name": "row", "budget_w": 6500, "safety_margin": 0.05}],
                        control_period_s=5, policies={"placement": "off", "routing": "off", "rescheduling": "off"})
     floor = sum(p.nodes * p.gpus_per_node * p.accelerator.min_power_w for p in sc.pools)
     assert floor < 6500
     load = generate_load(sc, seed=1)
-    off = Simulation(sc, sc.policies.pipeline().model_copy(update={"stages": {
-        **sc.policies.pipeline().stages, **{s: StageSetting(method=OFF) for s in STAGE_ORDER}}}), load, 1).run()
-    on = Simulation(sc, sc.policies.pipeline(), load, 1).run()
+    off = Simulation(sc, _static(), load, 1).run()
     assert off.metrics["over_budget_s"] > 0  # the case is a real test: uncapped, the row goes over
-    settled = 3 * sc.control_period_s  # from uncapped, the first cycles step caps down
-    power = on.series["power_w"][0][int(settled / sc.step_s) + 1:]
+    # with the agents' guard (on by default): within budget from the first cycle that hands out shares
+    on = Simulation(sc, sc.policies.pipeline(), load, 1).run()
+    power = on.series["power_w"][0][int(sc.control_period_s / sc.step_s) + 1:]
     assert on.metrics["caps_applied"] > 0
     assert (power <= 6500 * (1 + 1e-9)).all(), float(power.max())
+    # the controller's caps alone (no guard) hold it once they have settled
+    no_guard = sc.model_copy(update={"agent_guard": False})
+    caps_only = Simulation(no_guard, no_guard.policies.pipeline(), load, 1).run()
+    assert caps_only.metrics["guard_node_s"] == 0
+    settled = caps_only.series["power_w"][0][int(3 * sc.control_period_s / sc.step_s) + 1:]
+    assert (settled <= 6500 * (1 + 1e-9)).all(), float(settled.max())
 
 
 def test_cli_writes_report_csv_and_json(tmp_path: Path, small: Scenario, capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,7 +24,11 @@ The serving model (fluid, per deployment; documented so results can be judged):
 * a step meets its SLO when both p99s are within the deployment's SLO; SLO attainment is the share
   of requests that arrived in steps that met it;
 * power per GPU: :func:`policies.power_model.gpu_power_w` with the deployment's utilisation
-  (served / capacity) and prompt-phase share; idle GPUs draw idle power, background pods half load.
+  (served / capacity) and prompt-phase share; idle GPUs draw idle power, background pods half load;
+* the node agents' local guard (``agents/guard.py``) is emulated per node when a power stage runs:
+  a node above its share of the domain budget is scaled to ``share * (1 - margin)`` within the
+  step and its replicas slow down accordingly on the next (``guard_node_s`` counts node-seconds
+  held). Scenario ``agent_guard: false`` turns it off to see the controller's caps alone.
 """
 
 from __future__ import annotations
@@ -40,8 +44,9 @@ from typing import Any, TypeVar
 import numpy as np
 from pydantic import BaseModel
 
+from agents.guard import GuardConfig
 from policies import power_model
-from policies.pipeline import PipelineConfig, PipelineState, run_pipeline
+from policies.pipeline import OFF, PipelineConfig, PipelineState, Stage, run_pipeline
 from policies.plan import Plan
 from policies.profiles import Profile, ProfileTable, default_table
 from policies.snapshot import (
@@ -127,6 +132,7 @@ class Simulation:
         self._thr_cache: dict[tuple[int, float, float], float] = {}
         self._moe_init()
         self._static: tuple[tuple[Pool, ...], tuple[PowerDomain, ...]] | None = None
+        self._guard_init()
         self._nodes: tuple[Node, ...] = ()
         self._nodes_key = b""
         self._pod_cache: dict[tuple[int, bytes], list[Pod]] = {}
@@ -179,6 +185,56 @@ class Simulation:
         bal = device.mean(axis=1) / np.maximum(device.max(axis=1), 1e-12)
         bal = bal * (1 - np.where(counts == 0, loads, 0.0).sum(axis=1))  # unplaced experts' load is not served
         return float(np.clip(bal, 0.0, 1.0).mean())
+
+    # -- the agent-local power guard (agents/guard.py), at node level ---------------------------
+    def _guard_init(self) -> None:
+        """The guard runs on every node agent whenever the controller hands out node shares, i.e.
+        when a power stage runs. Shares are set each cycle by :meth:`_set_shares`."""
+        f = self.fleet
+        self.guard = (self.scenario.agent_guard and bool(f.domains)
+                      and self.pipeline.setting(Stage.POWER).method != OFF)
+        n_dom = len(f.domains)
+        self.gpu_dom_idx = np.where(f.gpu_domain >= 0, f.gpu_domain, n_dom)
+        self.node_dom = f.gpu_domain[f.node_first] if len(f.node_first) else np.zeros(0, dtype=np.int64)
+        self.node_share = np.full(len(f.node_names), np.inf)
+        self.guard_margin = GuardConfig().margin
+
+    def _set_shares(self, gpu_power: np.ndarray) -> None:
+        """Each node's share of its domain budget: the budget split in proportion to the nodes'
+        draw at this cycle (an assumption: busy nodes get the headroom they use; the shares sum
+        to the budget, so nodes within their shares keep the domain within budget)."""
+        f = self.fleet
+        node_p = np.bincount(f.gpu_node, weights=gpu_power, minlength=len(f.node_names))
+        for d, dom in enumerate(f.domains):
+            members = self.node_dom == d
+            total = node_p[members].sum()
+            if total > 0:
+                self.node_share[members] = dom.budget_w * node_p[members] / total
+
+    def _agent_guard(self, group_power: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """A node over its share (:meth:`_set_shares`) is capped to ``share * (1 - margin)`` within
+        the step (the guard acts within a second), devices scaled in proportion to their draw as
+        ``agents/guard.py`` does; capped phases slow down with :func:`policies.power_model.phase_speed`'s
+        exponent. Returns the per-deployment speed for the next step, the per-GPU power scale, power per domain and the
+        number of nodes the guard held.
+        """
+        f = self.fleet
+        gpu_p = group_power[self.gpu_group]
+        node_p = np.bincount(f.gpu_node, weights=gpu_p, minlength=len(f.node_names))
+        over = node_p > self.node_share
+        n_dep = len(self.domains)
+        if not over.any():
+            dom = np.bincount(self.gpu_dom_idx, weights=gpu_p, minlength=len(f.domains) + 1)
+            return np.ones(n_dep), np.ones(len(gpu_p)), dom, 0
+        node_scale = np.where(over, self.node_share * (1 - self.guard_margin) / np.maximum(node_p, 1e-9), 1.0)
+        scale = node_scale[f.gpu_node]
+        gpu_p = gpu_p * scale
+        dom = np.bincount(self.gpu_dom_idx, weights=gpu_p, minlength=len(f.domains) + 1)
+        serving = self.gpu_role >= 0
+        speed = scale[serving] ** power_model.CAP_SPEED_EXPONENT
+        counts = np.bincount(self.gpu_role[serving], minlength=n_dep)
+        dep_speed = np.bincount(self.gpu_role[serving], weights=speed, minlength=n_dep) / np.maximum(counts, 1)
+        return np.where(counts > 0, dep_speed, 1.0), scale, dom, int(over.sum())
 
     # -- capacity and power ---------------------------------------------------------------------
     def _thr(self, pool: int, cap: float, pf: float) -> float:
@@ -446,6 +502,9 @@ class Simulation:
         s_met = np.zeros((n_dep, steps))
         s_requests = np.zeros((n_dep, steps))
         backlog = np.zeros(n_dep)
+        guard_speed = np.ones(n_dep)  # capacity multiplier from the agent guard (1: not engaged)
+        gpu_scale = np.ones(len(f.owner))  # per-GPU power scale the guard imposed on the last step
+        guard_node_s = 0.0
         offered = self.load.output_tokens[:, 0] / dt  # smoothed offered load (tokens/s), see RHO_SMOOTHING_S
         alpha = 1.0 - math.exp(-dt / RHO_SMOOTHING_S)
         dropped = np.zeros(n_dep)
@@ -477,7 +536,9 @@ class Simulation:
                     self._refresh(now)
                     last_group_power = self._group_power(last_util)
                 window = self._window(win_start, s, s_requests, s_demand, backlog, s_ttft, s_tpot)
-                gpu_power = last_group_power[self.gpu_group]
+                gpu_power = last_group_power[self.gpu_group] * gpu_scale
+                if self.guard:
+                    self._set_shares(gpu_power)
                 gpu_util = np.where(self.gpu_role >= 0, last_util[np.maximum(self.gpu_role, 0)],
                                     np.where(self.gpu_role == -2, 0.5, 0.0))
                 t0 = time.perf_counter()
@@ -518,24 +579,26 @@ class Simulation:
                     arr[dep] -= moved
                     arr[fb] += moved
             s_share[:, s] = share
-            cap_tokens = self.capacity * dt
+            capacity = self.capacity * guard_speed  # the agent guard's slowdown, from the last step
+            cap_tokens = capacity * dt
             work = out + backlog
             served = np.minimum(work, cap_tokens)
             backlog = work - served
-            over = np.maximum(backlog - self.capacity * MAX_QUEUE_S, 0.0)
+            over = np.maximum(backlog - capacity * MAX_QUEUE_S, 0.0)
             dropped += over
             backlog -= over
             util = np.where(cap_tokens > 0, served / np.maximum(cap_tokens, 1e-12), 0.0)
             offered = offered + alpha * (out / dt - offered)
-            rho = np.where(self.capacity > 0, offered / np.maximum(self.capacity, 1e-12),
+            rho = np.where(capacity > 0, offered / np.maximum(capacity, 1e-12),
                            np.where(offered > 0, np.inf, 0.0))
             rho_c = np.minimum(rho, 0.99)
-            wait_ms = np.where(self.capacity > 0, backlog / np.maximum(self.capacity, 1e-12) * 1000, np.inf)
-            ttft = self.ttft_base * (1 + P99_WAIT_FACTOR * rho_c / (1 - rho_c) / np.sqrt(np.maximum(self.n_ready, 1)))
+            wait_ms = np.where(capacity > 0, backlog / np.maximum(capacity, 1e-12) * 1000, np.inf)
+            ttft = self.ttft_base / guard_speed * (1 + P99_WAIT_FACTOR * rho_c / (1 - rho_c)
+                                 / np.sqrt(np.maximum(self.n_ready, 1)))
             ttft = ttft + np.where(backlog > 0, wait_ms, 0.0)
-            ttft = np.where(out > 0, ttft, np.where(self.capacity > 0, self.ttft_base, 0.0))
-            tpot = np.where(self.capacity > 0, self.tpot_base * (TPOT_LOW + TPOT_SLOPE * rho_c), np.inf)
-            tpot = np.where(out > 0, tpot, np.where(self.capacity > 0, self.tpot_base, 0.0))
+            ttft = np.where(out > 0, ttft, np.where(capacity > 0, self.ttft_base, 0.0))
+            tpot = np.where(capacity > 0, self.tpot_base * (TPOT_LOW + TPOT_SLOPE * rho_c), np.inf)
+            tpot = np.where(out > 0, tpot, np.where(capacity > 0, self.tpot_base, 0.0))
             slo_ttft = np.array([d.slo.ttft_p99_ms for d in self.domains])
             slo_tpot = np.array([d.slo.tpot_p99_ms for d in self.domains])
             met = (ttft <= slo_ttft) & (tpot <= slo_tpot) & (rho <= 1.0)
@@ -546,7 +609,12 @@ class Simulation:
             s_requests[:, s] = req  # after routing: what each deployment actually received
             last_util = util
             last_group_power = self._group_power(util)
-            s_power[:, s] = last_group_power @ self.group_counts if len(self.groups) else 0.0
+            if self.guard:
+                guard_speed, gpu_scale, dom_power, engaged = self._agent_guard(last_group_power)
+                s_power[:, s] = dom_power
+                guard_node_s += engaged * dt
+            else:
+                s_power[:, s] = last_group_power @ self.group_counts if len(self.groups) else 0.0
             s_ready[:, s] = self.ready.reshape(-1)
             s_caps[s] = float(np.count_nonzero(~np.isnan(f.cap)))
             held = (f.owner >= 0)
@@ -557,6 +625,7 @@ class Simulation:
             self.progress(1.0)
         metrics = self._metrics(s_power, budgets, s_requests, s_met, s_ttft, s_tpot, s_served, s_cost,
                                 self.load, total, cycles, dropped, fallback_plans, plans_total)
+        metrics["guard_node_s"] = guard_node_s
         dep_names = [d.name for d in self.domains]
         per_dep = {
             name: {

@@ -222,6 +222,7 @@ class Scenario(Strict):
     policies: PoliciesSpec = PoliciesSpec()
     compare: dict[str, PoliciesSpec] = Field(default_factory=dict)  # extra named policy sets
     faults: tuple[FaultSpec, ...] = ()
+    agent_guard: bool = True  # emulate the node agents' local power guard when a power stage runs
 
     @model_validator(mode="after")
     def _references(self) -> Scenario:
