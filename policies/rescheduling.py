@@ -212,6 +212,16 @@ def build_flow_model(before: Packing, hint: Packing, budget: MoveBudget) -> Flow
                            (quot, hint_free // 1000 // before.vm_cores), (rem, hint_free // 1000 % before.vm_cores)):
             m.add_hint(var, value)
         frag.append(rem)
+    whole_cores = all(it.cpu_milli % 1000 == 0 for it in before.items) and all(
+        b.cpu_milli % 1000 == 0 for b in before.bins)
+    if whole_cores:
+        # redundant, helps the proof: the remainders add up to the (fixed) total free cores mod vm_cores
+        total_cores = sum(c // 1000 for c in before.cpu_free)
+        # wraps = how many times vm_cores fits in the sum of remainders
+        wraps = m.new_int_var(0, len(before.bins), "wraps")
+        m.add(sum(frag) == before.vm_cores * wraps + total_cores % before.vm_cores)
+        m.add_hint(wraps, (sum(c // 1000 % before.vm_cores for c in hint.cpu_free) - total_cores % before.vm_cores)
+                   // before.vm_cores)
     scale = budget.mnl + 1
     m.minimize(scale * sum(frag) + moves)  # fragment first, then fewer migrations
     for key, v in out.items():
