@@ -396,7 +396,8 @@ class Controller:
         problem = self._problem(md, key, built, plans)
         mine = [a for a in placement.actions if isinstance(a, SetReplicas) and a.deployment == key]
         decision = None
-        if mine:
+        last = md.status.last_decision if md.status else None
+        if mine and (last is None or last.plan_id != placement.id):  # a plan is announced once
             what = ", ".join(f"{a.pool} {a.previous}->{a.replicas}" for a in mine)
             e = placement.explanation
             decision = api.Decision(plan_id=placement.id, policy=placement.policy.value, reason=e.reason.value,
@@ -407,7 +408,8 @@ class Controller:
             self.metrics.replicas.labels(ns, name, pool).set(n)
         status = deployment_status(md, {p: n for p, n in desired.items() if n}, observed, built.pools, problem,
                                    decision, iso_now(wall))
-        self._write_status(obj, md, status, problem, decision, dry)
+        changes = "; ".join(str(c) for c in result.changes)
+        self._write_status(obj, md, status, problem, decision, dry, changes)
         if result.limited:
             return 2.0
         return stale_s + 0.05 if stale_s else None
@@ -431,7 +433,7 @@ class Controller:
         return None
 
     def _write_status(self, obj: dict[str, Any], md: api.ModelDeployment, status: api.ModelDeploymentStatus,
-                      problem: Problem | None, decision: api.Decision | None, dry: bool) -> None:
+                      problem: Problem | None, decision: api.Decision | None, dry: bool, changes: str) -> None:
         meta = obj["metadata"]
         new = wire(status)
         old = wire(api.ModelDeploymentStatus.model_validate(obj["status"])) if obj.get("status") else {}
@@ -443,7 +445,10 @@ class Controller:
         if problem is not None and (prev_problem is None or prev_problem.reason != problem.reason):
             self.event(obj, "Warning", problem.reason, problem.message)
         if decision is not None:
-            self.event(obj, "Normal", "DryRun" if dry else "Scaled", decision.summary)
+            if dry:  # dry-run: the event carries the diff the executor would have applied
+                self.event(obj, "Normal", "DryRun", f"{decision.summary} | would: {changes or 'nothing'}")
+            else:
+                self.event(obj, "Normal", "Scaled", decision.summary)
 
     def _write_status_invalid(self, obj: dict[str, Any], why: str, wall: float) -> None:
         meta = obj["metadata"]

@@ -61,14 +61,14 @@ class ControllerProcess:
     """``wattplane controller`` as a real process (so it can be SIGKILLed mid-work)."""
 
     def __init__(self, kubeconfig: Path, log_dir: Path, lease: str, identity: str, *, resync_s: float = 5.0,
-                 lease_duration_s: float = 3.0) -> None:
+                 lease_duration_s: float = 3.0, extra_args: tuple[str, ...] = ()) -> None:
         self.identity = identity
         self.port = free_port()
         self.log_path = log_dir / f"controller-{identity}.log"
         args = [sys.executable, "-m", "wattplane", "controller", "--kubeconfig", str(kubeconfig),
                 "--metrics-port", str(self.port), "--lease-name", lease, "--identity", identity,
                 "--lease-duration", str(lease_duration_s), "--renew-deadline", str(lease_duration_s * 0.66),
-                "--retry-period", "0.3", "--resync", str(resync_s), "--log-level", "INFO"]
+                "--retry-period", "0.3", "--resync", str(resync_s), "--log-level", "INFO", *extra_args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,

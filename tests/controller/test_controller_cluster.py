@@ -271,3 +271,20 @@ def test_two_controllers_one_leader_then_failover(test_cluster: TestCluster, kub
     assert standby.terminate() == 0  # graceful shutdown exits 0 and releases the lease
     lease = kube.get("Lease", lease["metadata"]["name"], "default")
     assert lease["spec"]["holderIdentity"] == ""
+
+
+def test_dry_run_reports_the_diff_and_writes_no_workloads(test_cluster: TestCluster, kube: Kube,
+                                                          start_controller: Any) -> None:
+    pool = _pool(test_cluster, kube, nodes=1)
+    ns = test_cluster.create_namespace(f"dry-{_uid()}")
+    kube.create("ModelDeployment", md_body("m", ns, pool, tp=2, min_replicas=2), ns)
+    start_controller(extra_args=("--dry-run",))
+    event = wait_for(lambda: next((e for e in kube.list("Event", ns)["items"] if e["reason"] == "DryRun"), None), 60,
+                     what="DryRun event")
+    assert f"would: apply Deployment {ns}/m-{pool}: create with 2 replicas" in event["message"]
+    md = kube.get("ModelDeployment", "m", ns)
+    assert md["status"]["desiredReplicas"] == 2 and md["status"]["replicas"] == 0
+    assert condition(md, "Progressing")["status"] == "True"
+    assert not _deployments(kube, ns) and not _pods(kube, ns)
+    _delete_mds(kube, ns)
+    wait_for(lambda: not kube.list("ModelDeployment", ns)["items"], 60, what="deleted")
