@@ -38,10 +38,10 @@ import numpy as np
 
 from benchmarks.common import Case
 from controller.dataplane.table import RoutingTable, TableHolder
-from policies.difficulty import score_many, weights_from_json
+from policies.difficulty import CalibrationBin, score_many, weights_from_json
 from policies.plan import SetRoutingShare
 from policies.profiles import REFERENCE_GPUS, Profile, cap_throughput_factor, default_table
-from policies.routing import RoutingConfig, RoutingState, plan_routing
+from policies.routing import RoutingConfig, RoutingState, plan_routing, threshold_for_share
 from policies.snapshot import (
     Demand,
     Fallback,
@@ -164,6 +164,7 @@ def simulate(
     slo_s: float,
     period: float,
     decide_share: object,
+    classes: tuple[CalibrationBin, ...],
 ) -> Outcome:
     """FIFO replicas; every ``period`` the method picks a share from last period's offered load."""
     large: Server = large_at(0.0)  # type: ignore[operator]
@@ -177,8 +178,9 @@ def simulate(
         while t >= next_tick:
             share = decide_share(next_tick, window_out / period, window_in / period)  # type: ignore[operator]
             version += 1
-            holder.offer(RoutingTable(version=version, deployment="big", fallback="small", threshold=0.0,
-                                      fallback_share=share, ttl_s=1e9), now=next_tick)
+            holder.offer(RoutingTable(version=version, deployment="big", fallback="small",
+                                      threshold=threshold_for_share(classes, share), fallback_share=share, ttl_s=1e9),
+                         now=next_tick)
             window_out = window_in = 0.0
             next_tick += period
         window_out += o
@@ -217,7 +219,7 @@ def at_attainment(grid: list[tuple[float, dict[str, float]]], target: float) -> 
 
 
 def capacity_case(
-    trace: tuple[Request, ...], held: Scored, classes: object, load: float, cap: float,
+    trace: tuple[Request, ...], held: Scored, classes: tuple[CalibrationBin, ...], load: float, cap: float,
     window: tuple[float, float] | None, period: float, seed: int,
 ) -> Case:
     """``load`` x the uncapped large capacity; the large GPUs are capped at ``cap`` x TDP during
@@ -263,7 +265,7 @@ def capacity_case(
         replicas=(ReplicaSet(deployment="big", pool="h100", replicas=1),
                   ReplicaSet(deployment="small", pool="h100", replicas=1)),
     )
-    config = RoutingConfig(classes=classes)  # type: ignore[arg-type]
+    config = RoutingConfig(classes=classes)
     state = [RoutingState()]
 
     def ours(now: float, out_rate: float, in_rate: float) -> float:
@@ -279,14 +281,14 @@ def capacity_case(
         return lambda now, o, i: share
 
     methods: dict[str, dict[str, float]] = {}
-    res = simulate(arrivals, labels, large_at, small, slo_s, period, ours)
+    res = simulate(arrivals, labels, large_at, small, slo_s, period, ours, classes)
     methods["wattplane"] = res.metrics(small_acc, large_acc)
     # the fixed threshold at our SLO attainment: interpolate between the two grid shares around it
     target = methods["wattplane"]["slo_attainment"]
-    grid = [(k / 20, simulate(arrivals, labels, large_at, small, slo_s, period, fixed(k / 20)).metrics(
+    grid = [(k / 20, simulate(arrivals, labels, large_at, small, slo_s, period, fixed(k / 20), classes).metrics(
         small_acc, large_acc)) for k in range(21)]
     methods["threshold"] = at_attainment(grid, target)
-    methods["large_only"] = simulate(arrivals, labels, large_at, small, slo_s, period, fixed(0.0)).metrics(
+    methods["large_only"] = simulate(arrivals, labels, large_at, small, slo_s, period, fixed(0.0), classes).metrics(
         small_acc, large_acc)
     return Case(
         name=f"azure-conv-load{load:g}" + (f"-cap{cap:g}" + ("-window" if window else "") if cap < 1 else ""),

@@ -87,6 +87,10 @@ class TableHolder:
         """The score below which requests go to the fallback now."""
         table = self.table
         assert table is not None
+        if table.fallback_share <= 0.0:
+            return float("-inf")  # share 0 means none, whatever the warm-up state
+        if table.fallback_share >= 1.0:
+            return float("inf")
         if len(self.recent) < MIN_SCORES:
             return table.threshold
         if self._threshold is None or self._since_refresh >= REFRESH_EVERY:

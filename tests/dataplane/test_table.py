@@ -55,3 +55,11 @@ def test_standin_capacity_matches_profile() -> None:
     m = LatencyModel("m", out_tok_s=1000.0, in_tok_s=4000.0, slots=8, time_scale=2.0)
     # one replica serves 1 / (scale * (O/out + P/in)) requests/s, whatever the slot count
     assert abs(m.requests_per_s(400, 100) - 1 / (2.0 * (0.1 + 0.1))) < 1e-9
+
+
+def test_share_zero_and_one_hold_before_warm_up() -> None:
+    h = TableHolder()
+    h.offer(table(1, share=0.0, threshold=100.0), now=0.0)  # a threshold that would route everything
+    assert h.decide(5.0, now=0.0) == (False, RouteReason.ABOVE_THRESHOLD)
+    h.offer(table(2, share=1.0, threshold=-100.0), now=0.0)
+    assert h.decide(5.0, now=0.0) == (True, RouteReason.BELOW_THRESHOLD)
