@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import Case
-from wattplane.simulate.command import simulate
+from wattplane.simulate.command import simulate, with_trace
 from wattplane.simulate.report import EXTRA, HEADLINE
 from wattplane.simulate.scenario import Scenario, load_scenario, parse_scenario
 
@@ -35,6 +35,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=int, default=10_000, help="GPUs in the scale case (0 skips it)")
     parser.add_argument("--scale-duration", type=float, default=None, help="simulated seconds of the scale case")
     parser.add_argument("--skip-scenarios", action="store_true", help="run only the scale case")
+    parser.add_argument("--trace", default=None, metavar="CSV",
+                        help="replay this arrival trace (Azure LLM trace columns) in every scenario instead of "
+                             "its synthetic load, at the same mean rate")
 
 
 def run(args: argparse.Namespace) -> list[Case]:
@@ -45,12 +48,15 @@ def run(args: argparse.Namespace) -> list[Case]:
             sc = load_scenario(path)
             if args.quick:
                 sc = sc.model_copy(update={"duration_s": min(sc.duration_s, 120.0)})
+            if args.trace:
+                sc = with_trace(sc, args.trace)
             t0, c0 = time.perf_counter(), time.process_time()
             results = simulate(sc, args.seed if args.seed else sc.seed, "baselines", path.parent, args.data_dir)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             cases.append(Case(
                 name=f"scenario-{sc.name}",
-                params={"scenario": str(path.name), "duration_s": sc.duration_s, "seed": args.seed or sc.seed,
+                params={"scenario": str(path.name), "load": "trace" if args.trace else "synthetic",
+                        "duration_s": sc.duration_s, "seed": args.seed or sc.seed,
                         "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
                         "methods": {r.policy_set: r.methods for r in results}},
                 methods={r.policy_set: {k: r.metrics[k] for k in (*HEADLINE, *EXTRA)} for r in results},

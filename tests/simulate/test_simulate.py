@@ -173,3 +173,20 @@ def test_background_pods_from_the_alibaba_trace(data_dir: Path) -> None:
     shares = {p.milli for p in pods.values()}
     assert shares - {1000}  # the trace's fractional GPU pods keep their share
     assert not sim.fleet.check()
+
+
+def test_cli_trace_override_replays_the_real_trace(data_dir: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    trace = data_dir / "azure-llm-2023" / "AzureLLMInferenceTrace_conv.csv"
+    if not trace.exists():
+        pytest.skip(f"{trace} missing (Azure/AzurePublicDataset AzureLLMInferenceTrace_conv.csv)")
+    sc = make_scenario(duration_s=90, load={"synthetic": {"requests_per_s": 11.06}})
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(sc.model_dump(mode="json", exclude_none=True)))
+    assert main(["simulate", str(path), "--json", "--trace", str(trace)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    requests = doc["policy_sets"]["wattplane"]["metrics"]["requests"]
+    # 11.06 req/s = two copies of the trace's 5.53 req/s; the first 90 s of the trace are near its mean
+    assert 0.6 * 11.06 * 90 < requests < 1.4 * 11.06 * 90

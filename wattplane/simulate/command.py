@@ -26,6 +26,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="also run every stage's baseline and a static (all off) fleet")
     parser.add_argument("--data-dir", default=None, help="data directory for data:... paths (default ../shared/data)")
     parser.add_argument("--duration", type=float, default=None, help="override the scenario's duration (s)")
+    parser.add_argument("--trace", default=None, metavar="CSV",
+                        help="replay this arrival trace (Azure LLM trace columns) instead of the scenario's load, "
+                             "scaled to the scenario's request rate; bursts are kept")
     parser.add_argument("--ray", default=None, metavar="ADDRESS",
                         help="run each policy set as a Ray task: 'local' starts Ray here, otherwise a cluster "
                              "address (ray://host:10001 or auto)")
@@ -46,6 +49,19 @@ def simulate(scenario: Scenario, seed: int, compare: str | None = None, base_dir
         results.append(Simulation(scenario, config, load, seed, policy_set=name, progress=bar,
                                   on_snapshot=dump, base_dir=base_dir, data_dir=data_dir).run())
     return results
+
+
+def with_trace(scenario: Scenario, trace: str) -> Scenario:
+    """The scenario with its load replaced by a trace replay at the same mean request rate."""
+    from wattplane.simulate.load import AZURE_CONV_REQUESTS_PER_S
+    from wattplane.simulate.scenario import LoadSpec, TraceLoad
+
+    old = scenario.load
+    rate = old.synthetic.requests_per_s if old.synthetic is not None else None
+    bursts = old.synthetic.bursts if old.synthetic is not None else old.trace.bursts if old.trace else ()
+    scale = rate / AZURE_CONV_REQUESTS_PER_S if rate else (old.trace.rate_scale if old.trace else 1.0)
+    load = LoadSpec(trace=TraceLoad(path=str(Path(trace).resolve()), rate_scale=scale, bursts=bursts))
+    return scenario.model_copy(update={"load": load})
 
 
 def simulate_on_ray(scenario: Scenario, seed: int, address: str, compare: str | None = None,
@@ -98,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.duration is not None:
         scenario = scenario.model_copy(update={"duration_s": float(args.duration)})
+    if args.trace:
+        scenario = with_trace(scenario, args.trace)
     seed = scenario.seed if args.seed is None else int(args.seed)
     t0 = time.perf_counter()
     try:
