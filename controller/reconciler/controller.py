@@ -29,7 +29,7 @@ from controller.metrics import Metrics
 from controller.pipeline import run_pipeline, shortfall
 from controller.reconciler.informer import Informer
 from controller.reconciler.queue import ShutDown, WorkQueue
-from controller.reconciler.status import Problem, deployment_status, pool_status, wire
+from controller.reconciler.status import Problem, deployment_status, effects_of, pool_status, wire
 from controller.snapshot_builder import Built, build_snapshot
 from policies.pipeline import PipelineState
 from policies.plan import Plan, PolicyName, SetReplicas
@@ -406,8 +406,11 @@ class Controller:
                                     time=iso_now(wall))
         for pool, n in desired.items():
             self.metrics.replicas.labels(ns, name, pool).set(n)
+        nodes = {str(p["spec"].get("nodeName")) for p in self.informers["Pod"].items()
+                 if p["metadata"]["namespace"] == ns and (p["metadata"].get("labels") or {}).get(r.L_DEPLOYMENT)
+                 == r.short(name) and p["spec"].get("nodeName")}
         status = deployment_status(md, {p: n for p, n in desired.items() if n}, observed, built.pools, problem,
-                                   decision, iso_now(wall))
+                                   decision, iso_now(wall), effects_of(plans, key, nodes, md.status))
         changes = "; ".join(str(c) for c in result.changes)
         self._write_status(obj, md, status, problem, decision, dry, changes)
         if result.limited:

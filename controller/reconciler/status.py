@@ -13,6 +13,7 @@ from typing import Any
 from controller.api import models as api
 from controller.executor import render as r
 from controller.executor.executor import Observed
+from policies.plan import Plan, SetExpertPlacement, SetPowerCap, SetRoutingShare
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,33 @@ class Problem:
 
     reason: str
     message: str
+
+
+@dataclass(frozen=True)
+class Effects:
+    """What this cycle's other policies decided for the deployment (routing, experts, power)."""
+
+    routing_share: float = 0.0
+    fallback: str = ""
+    expert_version: int = 0
+    capped_gpus: int = 0
+
+
+def effects_of(plans: Sequence[Plan], deployment: str, nodes: set[str], prev: api.ModelDeploymentStatus | None
+               ) -> Effects:
+    """Routing share and expert placement version from the plans; GPUs capped on the nodes it runs on."""
+    share = prev.routing_share if prev else 0.0
+    version = prev.expert_placement_version if prev else 0
+    fallback, capped = "", 0
+    for plan in plans:
+        for a in plan.actions:
+            if isinstance(a, SetRoutingShare) and a.deployment == deployment:
+                share, fallback = a.fallback_share, a.fallback
+            elif isinstance(a, SetExpertPlacement) and a.deployment == deployment:
+                version = a.version
+            elif isinstance(a, SetPowerCap) and a.node in nodes and (a.power_limit_w or a.clock_limit_mhz):
+                capped += 1
+    return Effects(routing_share=share, fallback=fallback, expert_version=version, capped_gpus=capped)
 
 
 def condition(
@@ -41,8 +69,10 @@ def deployment_status(
     problem: Problem | None,
     decision: api.Decision | None,
     now: str,
+    effects: Effects | None = None,
 ) -> api.ModelDeploymentStatus:
     prev = md.status or api.ModelDeploymentStatus()
+    fx = effects or Effects(routing_share=prev.routing_share, expert_version=prev.expert_placement_version)
     gen = md.metadata.get("generation")
     rows = []
     for name in sorted(set(desired) | {p for p in pools if r.short(p) in observed}):
@@ -67,8 +97,12 @@ def deployment_status(
                   f"{replicas} replicas running, {total_desired} desired", now, gen),
         condition(prev.conditions, api.ConditionType.DEGRADED, not satisfied,
                   problem.reason if problem else "AsExpected", problem.message if problem else "", now, gen),
-        condition(prev.conditions, api.ConditionType.POWER_CAPPED, False, "NoCaps", "", now, gen),
-        condition(prev.conditions, api.ConditionType.ROUTED_TO_FALLBACK, False, "NotRouted", "", now, gen),
+        condition(prev.conditions, api.ConditionType.POWER_CAPPED, fx.capped_gpus > 0,
+                  "PowerCapped" if fx.capped_gpus else "NoCaps",
+                  f"{fx.capped_gpus} GPU(s) serving it are power-capped" if fx.capped_gpus else "", now, gen),
+        condition(prev.conditions, api.ConditionType.ROUTED_TO_FALLBACK, fx.routing_share > 0,
+                  "RoutedToFallback" if fx.routing_share > 0 else "NotRouted",
+                  f"{fx.routing_share:.0%} of requests go to {fx.fallback}" if fx.routing_share > 0 else "", now, gen),
     ]
     return api.ModelDeploymentStatus(
         replicas=replicas,
@@ -77,8 +111,8 @@ def deployment_status(
         pools=rows,
         load_tokens_per_s=prev.load_tokens_per_s,
         slo_attainment=prev.slo_attainment,
-        routing_share=prev.routing_share,
-        expert_placement_version=prev.expert_placement_version,
+        routing_share=fx.routing_share,
+        expert_placement_version=fx.expert_version,
         conditions=conds,
         last_decision=decision or prev.last_decision,
         observed_generation=gen,
