@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-from ortools.linear_solver import pywraplp
+import ortools.linear_solver.pywraplp as pywraplp
 from pydantic import Field
 
 from policies.difficulty import CalibrationBin
