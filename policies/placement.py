@@ -62,6 +62,7 @@ from policies.placement_instance import (
     plan_metrics,
     replica_actions,
     violations,
+    with_need,
 )
 from policies.plan import Explanation, Plan, PolicyName, Reason, SolverStatus, noop_plan
 from policies.profiles import ProfileTable, default_table
@@ -84,6 +85,10 @@ class PlacementConfig(Frozen):
     disruption_weight: NonNegFloat = 0.25  # a change costs this many hours of the replica's cost
     preferred_discount: NonNegFloat = 0.05
     shortfall_factor: PosFloat = 10.0
+    # down slow: a deployment's need never falls below its highest need of this window, and while
+    # the deployment has been watched for less than the window its current capacity is kept (the
+    # first forecast is one period of noise; the initial fleet's headroom must not go on it)
+    scale_down_window_s: NonNegFloat = 300.0
 
     def instance_params(self, unlimited_capacity: bool = False) -> InstanceParams:
         return InstanceParams(
@@ -100,6 +105,8 @@ class PlacementState(Frozen):
     last_objective: float | None = None
     last_plan_cost: float | None = None
     history: dict[str, float] = Field(default_factory=dict)
+    first_seen: dict[str, float] = Field(default_factory=dict)  # deployment -> time of its first plan
+    needs: dict[str, tuple[tuple[float, float], ...]] = Field(default_factory=dict)  # (time, raw need) in window
 
 
 @dataclass
@@ -660,6 +667,7 @@ def plan_placement(
     if not snapshot.deployments or not snapshot.pools:
         return noop_plan(PolicyName.PLACEMENT, "no deployments or pools to place", state.model_dump(mode="json"))
     inst = build_instance(snapshot, profiles or default_table(), config.instance_params())
+    inst, state = stabilise(inst, snapshot.now, config, state)
     try:
         sol = optimise(inst, config)
     except Exception as exc:  # a solver crash must not stop the fleet: fall back, and say so
@@ -672,6 +680,33 @@ def plan_placement(
                            "greedy", state=_next_state(state, inst, r))
     solve_ms = (clock() - t0) * 1000 if clock else sol.solve_ms
     return to_plan(inst, sol, state, solve_ms, from_clock=clock is not None)
+
+
+def stabilise(inst: Instance, now: float, config: PlacementConfig,
+              state: PlacementState) -> tuple[Instance, PlacementState]:
+    """Up fast, down slow (the HPA's scale-down stabilisation, on capacity rather than replicas).
+
+    Need rises at once; it falls only to the highest raw need of the last ``scale_down_window_s``,
+    and not below the current capacity until the deployment has been watched for a whole window.
+    Every removed replica costs a cold start when the load comes back, and bursts arrive faster
+    than replicas start. Returns the instance with the stabilised need and the state to carry on.
+    """
+    window = config.scale_down_window_s
+    cover = np.bincount(inst.pair_m, weights=inst.cap * inst.r0, minlength=len(inst.deployments))
+    need = inst.need.copy()
+    first_seen: dict[str, float] = {}
+    needs: dict[str, tuple[tuple[float, float], ...]] = {}
+    for m, name in enumerate(inst.deployments):
+        t0 = min(state.first_seen.get(name, now), now)
+        recent = tuple((t, v) for t, v in state.needs.get(name, ()) if 0.0 <= now - t < window)
+        raw = float(inst.need[m])
+        floor = max((v for _, v in recent), default=0.0)
+        if now - t0 < window:
+            floor = max(floor, float(cover[m]))
+        need[m] = max(raw, floor)
+        first_seen[name] = t0
+        needs[name] = (*recent, (now, round(raw, 3)))
+    return with_need(inst, need), state.model_copy(update={"first_seen": first_seen, "needs": needs})
 
 
 def to_plan(inst: Instance, sol: Solution, state: PlacementState, solve_ms: float, from_clock: bool = False) -> Plan:
@@ -708,4 +743,5 @@ def _next_state(state: PlacementState, inst: Instance, r: IntArray) -> dict[str,
     ev = evaluate(inst, r)
     return PlacementState(
         cycles=state.cycles + 1, last_objective=round(ev.objective, 6), last_plan_cost=round(ev.cost_per_hour, 6),
+        first_seen=state.first_seen, needs=state.needs,
     ).model_dump(mode="json")

@@ -12,6 +12,10 @@ Modelling choices (kept simple, and written down):
   :func:`policies.profiles.cap_throughput_factor` at the pool's mean cap fraction (decode and
   prefill separately).
 * **Need** of a deployment = forecast output tokens/s / ``target_utilisation`` (the headroom).
+* **SLO-feasibility**: a replica on a pool counts ``cap * min(1, u_slo / target_utilisation)``
+  where ``u_slo`` is the highest utilisation at which the profile's p99 TTFT and TPOT stay within
+  the deployment's SLO (:func:`policies.profiles.slo_utilisation`); a pool whose profile misses the
+  SLO even idle gets no pair (its current replicas drain).
 * **Devices per replica** on a pool = TP x PP rounded up to a divisor of ``gpus_per_node``
   (3 -> 4 on 8-GPU nodes), or to whole nodes when wider than a node. Sizes that divide the
   node size always pack into whole nodes when their sum fits, so pool capacity is one
@@ -34,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from policies.plan import SetReplicas
-from policies.profiles import Profile, ProfileTable, cap_throughput_factor
+from policies.profiles import Profile, ProfileTable, cap_throughput_factor, slo_utilisation
 from policies.snapshot import Pool, Snapshot
 
 FloatArray = npt.NDArray[np.float64]
@@ -92,6 +96,11 @@ class Instance:
         return _replace(self, ub=np.where(mask, self.ub, 0), cap=np.where(mask, self.cap, 0.0))
 
 
+def with_need(inst: Instance, need: FloatArray) -> Instance:
+    """The same instance with another need per deployment (e.g. stabilised over time)."""
+    return _replace(inst, need=need)
+
+
 def _replace(inst: Instance, **changes: object) -> Instance:
     fields = {k: getattr(inst, k) for k in inst.__dataclass_fields__}
     fields.update(changes)
@@ -145,6 +154,7 @@ def build_instance(snapshot: Snapshot, profiles: ProfileTable, params: InstanceP
     factors = [cap_throughput_factor(c) for c in caps]
     cache: dict[tuple[object, ...], Profile | None] = {}
 
+    replicas_now = [sum(n for (dn, _), n in current.items() if dn == d.name) for d in deps]
     rows: list[tuple[int, int, float, float, float, int, float, int, int]] = []
     need = np.zeros(len(deps))
     demand_out = np.zeros(len(deps))
@@ -173,6 +183,16 @@ def build_instance(snapshot: Snapshot, profiles: ProfileTable, params: InstanceP
                 continue
             dec, pre = factors[p]
             a = 1.0 / (1.0 / (prof.output_tokens_per_s * dec) + share / (prof.input_tokens_per_s * pre))
+            # SLO-feasibility: count only the load a replica serves within the SLO at the headroom
+            # replicas that will share the load (TTFT pooling): as many as run now or the demand needs here
+            pooled = max(replicas_now[m], math.ceil(out / max(a * d.target_utilisation, 1e-9)), 1)
+            u_slo = slo_utilisation(prof, d.slo.ttft_p99_ms, d.slo.tpot_p99_ms, pooled)
+            if u_slo <= 0.0:  # misses the SLO even idle: never plan it here (drain what runs)
+                if r0 > 0:
+                    dv = replica_devices(d.parallelism.devices, pool.gpus_per_node)
+                    rows.append((m, p, 0.0, 0.0, 0.0, dv, 0.0, r0, 0))
+                continue
+            a *= min(1.0, u_slo / max(d.target_utilisation, 1e-6))
             dv = replica_devices(d.parallelism.devices, pool.gpus_per_node)
             watts_dev = min(prof.power_w, caps[p] * pool.accelerator.tdp_w)
             w = dv * watts_dev

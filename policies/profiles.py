@@ -64,6 +64,12 @@ GIB_TO_GB = 1.073741824
 CALIBRATION_TPOT_P99_MS = 100.0  # built-in rows: best throughput whose p99 ITL stays under this
 TYPICAL_PROMPT_TOKENS = 1024  # TTFT estimate: a prompt of this size prefilling alone (Azure conv median ~1k)
 SPLITWISE_CAP_FRACTION = 0.7  # the cap level assumed for Splitwise's h100-80gb-pcap rows
+# The latency model placement plans with and the simulator serves with (one model, so a plan that
+# is SLO-feasible here is SLO-feasible there):
+#   TTFT p99 = ttft_ms * (1 + TTFT_P99_WAIT_FACTOR * u / (1 - u) / sqrt(n))   (M/M/1 p99 wait, n-replica pooling)
+#   TPOT p99 = tpot_ms * (TPOT_P99_IDLE + TPOT_P99_SLOPE * u)                  (batch fills with utilisation u)
+TTFT_P99_WAIT_FACTOR = -math.log(0.01)
+TPOT_P99_IDLE, TPOT_P99_SLOPE = 0.6, 0.8  # p99 / median ITL: 0.6 near idle, 1.4 with a full batch
 
 
 class Profile(Frozen):
@@ -100,6 +106,22 @@ class Profile(Frozen):
         time per output token is ``1/out + i/in``.
         """
         return 1.0 / (1.0 / self.output_tokens_per_s + max(input_share, 0.0) / self.input_tokens_per_s)
+
+
+def slo_utilisation(profile: Profile, ttft_slo_ms: float, tpot_slo_ms: float, replicas: int = 1) -> float:
+    """Highest utilisation at which ``replicas`` pooled replicas keep both p99s within the SLO.
+
+    0 when the profile misses the SLO even idle (e.g. llama-3.1-8b on an L4: 253 ms median ITL
+    against a 100 ms TPOT SLO), 1 when it meets it at full load. Placement scales a replica's
+    capacity by this so it never counts on load a replica cannot serve within the SLO.
+    """
+    tpot_ratio = tpot_slo_ms / profile.tpot_ms
+    if tpot_ratio < TPOT_P99_IDLE or ttft_slo_ms < profile.ttft_ms:
+        return 0.0
+    u_tpot = (tpot_ratio - TPOT_P99_IDLE) / TPOT_P99_SLOPE
+    k = (ttft_slo_ms / profile.ttft_ms - 1.0) * math.sqrt(max(replicas, 1)) / TTFT_P99_WAIT_FACTOR
+    u_ttft = k / (1.0 + k)
+    return float(min(1.0, u_tpot, u_ttft))
 
 
 def canonical_model(name: str) -> str:

@@ -103,14 +103,19 @@ class LPResult(Frozen):
 # -- inputs from the snapshot -----------------------------------------------------------------
 
 def capacity(snapshot: Snapshot, deployment: ModelDeployment, profiles: ProfileTable) -> Capacity:
-    """Serving capacity from replicas x profile, scaled by the mean power cap of the deployment's GPUs."""
+    """Serving capacity from ready replicas x profile, scaled by the mean power cap of the deployment's GPUs."""
     demand = next((d for d in snapshot.demand if d.deployment == deployment.name), None)
     out_demand = demand.output_tokens_per_s if demand else 0.0
     input_share = (demand.input_tokens_per_s / demand.output_tokens_per_s) if demand and out_demand > 0 else 1.0
     total = 0.0
     uncapped = 0.0
+    # replicas still starting serve nothing yet: counting them would hand a surge back to the large
+    # model a minute before it can take it. A snapshot without readiness (every ``ready`` 0, e.g.
+    # hand-built) counts the desired replicas.
+    has_readiness = any(rs.ready > 0 for rs in snapshot.replicas)
     for rs in snapshot.replicas:
-        if rs.deployment != deployment.name or rs.replicas == 0:
+        serving = min(rs.ready, rs.replicas) if has_readiness else rs.replicas
+        if rs.deployment != deployment.name or serving == 0:
             continue
         pool = snapshot.pool(rs.pool)
         prof = profiles.for_deployment(deployment, pool.accelerator)
@@ -125,8 +130,8 @@ def capacity(snapshot: Snapshot, deployment: ModelDeployment, profiles: ProfileT
         cap = sum(caps) / len(caps) if caps else 1.0
         f_out, f_in = cap_throughput_factor(cap)
         per = 1.0 / (1.0 / (prof.output_tokens_per_s * f_out) + input_share / (prof.input_tokens_per_s * f_in))
-        total += rs.replicas * per
-        uncapped += rs.replicas * prof.tokens_per_s_capacity(input_share)
+        total += serving * per
+        uncapped += serving * prof.tokens_per_s_capacity(input_share)
     factor = total / uncapped if uncapped > 0 else 1.0
     return Capacity(tokens_per_s=total, demand_tokens_per_s=out_demand, cap_factor=min(factor, 1.0))
 

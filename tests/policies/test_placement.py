@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import numpy as np
@@ -119,9 +120,11 @@ def test_insufficient_capacity_gives_best_partial_plan() -> None:
     ex = plan.explanation
     assert ex.reason == Reason.INSUFFICIENT_CAPACITY
     assert "small" in ex.summary and "cannot be served" in ex.summary
-    # best partial: every device that can host "small" is used for it (big has no demand beyond min 0)
+    # best partial: every device that can host "small" within its SLO is used for it (big has no
+    # demand beyond min 0); the L4s cannot (8B on L4: 253 ms median ITL against a 100 ms TPOT SLO)
     after = applied(snap, plan)
-    assert sum(n for (d, _), n in after.items() if d == "small") == 3 * 16
+    assert sum(n for (d, _), n in after.items() if d == "small") == 2 * 16
+    assert after.get(("small", "l4"), 0) == 0
 
 
 def test_current_placement_kept_when_demand_barely_moves() -> None:
@@ -230,7 +233,9 @@ def test_property_limits_bounds_and_optimality(params: dict[str, Any]) -> None:
     """Every plan respects capacity, bounds and budgets; bound <= brute-force optimum <= plan objective."""
     snap = _fleet(params)
     plan = plan_placement(snap, PlacementConfig(polish_gap=0.0))  # always polish: the plan must be optimal
-    inst = build_instance(snap, default_table(), PlacementConfig().instance_params())
+    # the problem the policy solves: the instance with its need stabilised (first cycle: keep capacity)
+    inst, _ = placement.stabilise(build_instance(snap, default_table(), PlacementConfig().instance_params()),
+                                  snap.now, PlacementConfig(), placement.PlacementState())
     if inst.n_pairs > 6:
         return
     opt = _brute_force(inst)
@@ -275,3 +280,98 @@ def test_homogeneous_uses_one_gpu_type() -> None:
     used = {inst.pool_accelerator[int(inst.pair_p[k])] for k in np.flatnonzero(r)}
     assert used == {acc}
     assert evaluate(inst, r).shortfall.sum() == pytest.approx(0.0, abs=1e-6)
+
+
+def _small_only(replicas: int | dict[tuple[str, str], int], demand: float, now: float = 0.0, **kw: Any) -> Snapshot:
+    current = replicas if isinstance(replicas, dict) else {("small", "h100"): replicas}
+    return make_snapshot(
+        now=now, deployments=(dep("small"),),
+        demand=(Demand(deployment="small", output_tokens_per_s=demand, input_tokens_per_s=demand * 3),),
+        replicas=tuple(ReplicaSet(deployment=d, pool=p, replicas=n, ready=n) for (d, p), n in current.items() if n),
+        **kw)
+
+
+def _replicas_after(snap: Snapshot, plan: Any, name: str = "small") -> int:
+    return sum(n for (d, _), n in applied(snap, plan).items() if d == name)
+
+
+def test_never_plans_a_pool_whose_profile_misses_the_tpot_slo() -> None:
+    """8B on an L4 has a 253 ms median ITL: with the L4s the only pool allowed, nothing is placed
+    (an honest shortfall) and replicas already there are drained."""
+    snap = make_snapshot(deployments=(dep("small", allowed_pools=("l4",)),),
+                         demand=(Demand(deployment="small", output_tokens_per_s=2000, input_tokens_per_s=6000),),
+                         replicas=(ReplicaSet(deployment="small", pool="l4", replicas=3, ready=3),))
+    plan = plan_placement(snap)
+    assert applied(snap, plan).get(("small", "l4"), 0) == 0
+    assert plan.explanation.reason == Reason.INSUFFICIENT_CAPACITY
+    # with a TPOT SLO the L4 can meet (idle ITL x 0.6 below it), it is used again
+    loose = make_snapshot(deployments=(dep("small", allowed_pools=("l4",), slo={"tpot_p99_ms": 400.0}),),
+                          demand=snap.demand, replicas=snap.replicas)
+    assert applied(loose, plan_placement(loose)).get(("small", "l4"), 0) > 0
+
+
+@pytest.mark.parametrize(("ttft_slo", "tpot_slo"), [(2000.0, 100.0), (400.0, 60.0), (250.0, 45.0)])
+def test_capacity_planned_covers_demand_at_the_slo_utilisation(ttft_slo: float, tpot_slo: float) -> None:
+    """Planned capacity >= forecast / min(target utilisation, the utilisation at which the SLO holds)."""
+    from policies.profiles import slo_utilisation
+
+    d = dep("small", slo={"ttft_p99_ms": ttft_slo, "tpot_p99_ms": tpot_slo}, max_replicas=64)
+    snap = make_snapshot(deployments=(d,), pools=(pool("h100", H100, 4, 3.0),),
+                         demand=(Demand(deployment="small", output_tokens_per_s=20000, input_tokens_per_s=60000),))
+    plan = plan_placement(snap)
+    n = _replicas_after(snap, plan)
+    prof = default_table().for_deployment(d, H100)
+    assert prof is not None
+    cap = prof.tokens_per_s_capacity(3.0)
+    pooled = math.ceil(20000 / (cap * d.target_utilisation))  # replicas the demand needs at the target
+    u = min(d.target_utilisation, slo_utilisation(prof, ttft_slo, tpot_slo, pooled))
+    assert u > 0
+    assert n * cap * u >= 20000 * (1 - 1e-6)
+    if ttft_slo == 2000.0:  # a loose SLO: the headroom is the target utilisation itself
+        assert u == d.target_utilisation
+    # and not wildly more: one replica fewer would not cover it at the pooled (best-case) utilisation
+    u_pooled = min(d.target_utilisation, slo_utilisation(prof, ttft_slo, tpot_slo, n))
+    assert (n - 1) * prof.tokens_per_s_capacity(3.0) * u_pooled < 20000
+
+
+def test_scale_down_waits_for_a_whole_window_of_low_demand() -> None:
+    """Down slow: the first cycles keep the current capacity (the first forecast is one period of
+    noise), and a dip within the window does not remove replicas; after a whole window of low
+    demand, it does. Up stays fast."""
+    cfg = PlacementConfig(scale_down_window_s=300.0)
+    state = placement.PlacementState()
+    snap = _small_only(6, 500.0, now=30.0)
+    plan = plan_placement(snap, cfg, state)
+    assert _replicas_after(snap, plan) == 6 and not plan.actions  # warm-up: keep the fleet's headroom
+    state = placement.PlacementState.model_validate(plan.state)
+    # high demand at t=90: scale up at once
+    snap = _small_only(6, 40000.0, now=90.0)
+    plan = plan_placement(snap, cfg, state)
+    up = _replicas_after(snap, plan)
+    assert up > 6
+    fleet = applied(snap, plan)
+    state = placement.PlacementState.model_validate(plan.state)
+    # demand falls at t=150 and t=330: still within 300 s of the peak -> hold
+    for t in (150.0, 330.0):
+        snap = _small_only(fleet, 500.0, now=t)
+        plan = plan_placement(snap, cfg, state)
+        assert _replicas_after(snap, plan) == up, t
+        state = placement.PlacementState.model_validate(plan.state)
+    # t=420: the peak left the window and the deployment was watched for a whole window -> down
+    snap = _small_only(fleet, 500.0, now=420.0)
+    plan = plan_placement(snap, cfg, state)
+    assert _replicas_after(snap, plan) < up
+    # and the same sequence with the window off scales down at the first low cycle
+    off = PlacementConfig(scale_down_window_s=0.0)
+    snap = _small_only(6, 500.0, now=30.0)
+    assert _replicas_after(snap, plan_placement(snap, off)) < 6
+
+
+def test_stabilisation_state_round_trips_and_forgets_old_needs() -> None:
+    cfg = PlacementConfig(scale_down_window_s=120.0)
+    state = placement.PlacementState()
+    for t in (0.0, 60.0, 120.0, 180.0, 240.0):
+        plan = plan_placement(_small_only(2, 1000.0 + t, now=t), cfg, state)
+        state = placement.PlacementState.model_validate(plan.state)
+    assert state.first_seen == {"small": 0.0}
+    assert [t for t, _ in state.needs["small"]] == [180.0, 240.0]  # only the window (and the latest) is kept

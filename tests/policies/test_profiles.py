@@ -179,3 +179,44 @@ def test_builtin_constants_match_the_public_data() -> None:
     assert cap.token_ms == pytest.approx(h1.token_ms, rel=1e-6)
     assert h1.prompt_ms / cap.prompt_ms == pytest.approx(cap_throughput_factor(0.7)[1], rel=0.03)
     assert math.isfinite(decode_ratio)
+
+
+def _p99s(prof: Profile, u: float, replicas: int) -> tuple[float, float]:
+    """The latency model written out independently: (TTFT p99, TPOT p99) at utilisation ``u``."""
+    ttft = prof.ttft_ms * (1 + -math.log(0.01) * u / (1 - u) / math.sqrt(replicas))
+    tpot = prof.tpot_ms * (0.6 + 0.8 * u)
+    return ttft, tpot
+
+
+@pytest.mark.parametrize(("model", "size", "tp", "gpu"), [("llama-3.1-70b", 70, 4, H100), ("llama-3.1-8b", 8, 1, A100),
+                                                          ("llama-3.1-70b", 70, 4, A100)])
+@pytest.mark.parametrize("replicas", [1, 4])
+@pytest.mark.parametrize(("ttft_slo", "tpot_slo"), [(2000.0, 100.0), (600.0, 40.0), (300.0, 60.0)])
+def test_slo_utilisation_is_the_edge_of_the_latency_model(model: str, size: float, tp: int, gpu: object,
+                                                          replicas: int, ttft_slo: float, tpot_slo: float) -> None:
+    from policies.profiles import slo_utilisation
+
+    dep = ModelDeployment(name="d", model=ModelShape(name=model, params_b=size, active_params_b=size),
+                          parallelism=Parallelism(tp=tp))
+    prof = default_table().for_deployment(dep, gpu)  # type: ignore[arg-type]
+    assert prof is not None
+    u = slo_utilisation(prof, ttft_slo, tpot_slo, replicas)
+    assert 0.0 <= u <= 1.0
+    if 0.0 < u < 1.0:
+        ttft, tpot = _p99s(prof, u * 0.999, replicas)
+        assert ttft <= ttft_slo and tpot <= tpot_slo  # within the SLO just below the edge
+        ttft, tpot = _p99s(prof, min(u * 1.01, 0.999), replicas)
+        assert ttft > ttft_slo or tpot > tpot_slo  # and out of it just above
+    # pooling more replicas never lowers the utilisation the SLO allows
+    assert slo_utilisation(prof, ttft_slo, tpot_slo, replicas * 4) >= u
+
+
+def test_slo_utilisation_rules_out_a_profile_that_misses_even_idle() -> None:
+    from policies.profiles import slo_utilisation
+
+    dep = ModelDeployment(name="d", model=ModelShape(name="llama-3.1-8b", params_b=8, active_params_b=8))
+    l4 = default_table().for_deployment(dep, L4)
+    assert l4 is not None and l4.tpot_ms * 0.6 > 100.0  # median ITL on an L4 is far above the SLO
+    assert slo_utilisation(l4, 2000.0, 100.0, 8) == 0.0
+    h100 = default_table().for_deployment(dep, H100)
+    assert h100 is not None and slo_utilisation(h100, 2000.0, 100.0, 1) > 0.5

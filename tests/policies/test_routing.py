@@ -216,3 +216,22 @@ def test_solver_failure_keeps_previous_table(monkeypatch: pytest.MonkeyPatch) ->
     assert share_of(held).fallback_share == pytest.approx(share_of(first).fallback_share, abs=1e-6)
     fresh = plan_routing(make_snapshot(demand_tok_s=cap * 1.5))
     assert fresh.explanation.fallback == "large_only" and share_of(fresh).fallback_share == 0.0
+
+
+def test_starting_replicas_do_not_count_as_capacity() -> None:
+    """During a surge placement raises the large model's replicas; until they are ready the
+    fallback must keep taking the overflow (the simulator showed routing handing it back early)."""
+    ready = make_snapshot(demand_tok_s=5000.0, large_replicas=2,
+                          replicas=(ReplicaSet(deployment="big", pool="h100", replicas=2, ready=2),
+                                    ReplicaSet(deployment="small", pool="h100", replicas=4, ready=4)))
+    scaling = make_snapshot(demand_tok_s=5000.0, large_replicas=2,
+                            replicas=(ReplicaSet(deployment="big", pool="h100", replicas=6, ready=2),
+                                      ReplicaSet(deployment="small", pool="h100", replicas=4, ready=4)))
+    assert large_capacity(scaling) == pytest.approx(large_capacity(ready))
+    assert share_of(plan_routing(scaling)).fallback_share == pytest.approx(share_of(plan_routing(ready)).fallback_share)
+    assert share_of(plan_routing(ready)).fallback_share > 0.2  # the surge does go to the fallback
+    # once they are ready, they count
+    done = make_snapshot(demand_tok_s=5000.0, replicas=(ReplicaSet(deployment="big", pool="h100", replicas=6, ready=6),
+                                                        ReplicaSet(deployment="small", pool="h100", replicas=4,
+                                                                   ready=4)))
+    assert large_capacity(done) == pytest.approx(3 * large_capacity(ready))

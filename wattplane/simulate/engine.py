@@ -48,7 +48,14 @@ from agents.guard import GuardConfig
 from policies import power_model
 from policies.pipeline import OFF, PipelineConfig, PipelineState, Stage, run_pipeline
 from policies.plan import Plan
-from policies.profiles import Profile, ProfileTable, default_table
+from policies.profiles import (
+    TPOT_P99_IDLE,
+    TPOT_P99_SLOPE,
+    TTFT_P99_WAIT_FACTOR,
+    Profile,
+    ProfileTable,
+    default_table,
+)
 from policies.snapshot import (
     ExpertLoad,
     ExpertPlacement,
@@ -67,10 +74,10 @@ from wattplane.simulate.load import LoadSeries
 from wattplane.simulate.scenario import Scenario
 
 MAX_QUEUE_S = 60.0  # queued work older than this is dropped (clients time out)
-P99_WAIT_FACTOR = -math.log(0.01)
+P99_WAIT_FACTOR = TTFT_P99_WAIT_FACTOR  # the latency model is policies.profiles' (one model for plan and sim)
 MOE_EXPERT_SHARE = 0.5
 RHO_SMOOTHING_S = 20.0  # utilisation in the latency formulas: EWMA of offered load over ~20 s
-TPOT_LOW, TPOT_SLOPE = 0.6, 0.8  # TPOT p99 = median ITL at calibration load x (0.6 + 0.8 rho)
+TPOT_LOW, TPOT_SLOPE = TPOT_P99_IDLE, TPOT_P99_SLOPE  # TPOT p99 = median ITL x (0.6 + 0.8 rho)
 
 
 @dataclass
@@ -201,10 +208,21 @@ class Simulation:
 
     def _set_shares(self, gpu_power: np.ndarray) -> None:
         """Each node's share of its domain budget: the budget split in proportion to the nodes'
-        draw at this cycle (an assumption: busy nodes get the headroom they use; the shares sum
-        to the budget, so nodes within their shares keep the domain within budget)."""
+        planned draw (an assumption: the shares sum to the budget, so nodes within their shares
+        keep the domain within budget). A replica's GPUs count at full load under their cap, ready
+        or still starting, so a node whose load grows or whose new replica comes up between two
+        cycles is not held to the draw it had when it was idle; other GPUs count their draw now."""
         f = self.fleet
-        node_p = np.bincount(f.gpu_node, weights=gpu_power, minlength=len(f.node_names))
+        planned = gpu_power.copy()
+        capq = np.where(np.isnan(f.cap), -1.0, np.round(f.cap, 0))
+        for r in f.replicas.values():
+            if self.profiles[r.deployment][r.pool] is None:
+                continue
+            pf = float(self.prefill_fraction[r.deployment, r.pool])
+            for g in r.gpus.tolist():
+                c = float(capq[g])
+                planned[g] = max(planned[g], self._power(r.pool, pf, 1.0, np.nan if c < 0 else c))
+        node_p = np.bincount(f.gpu_node, weights=planned, minlength=len(f.node_names))
         for d, dom in enumerate(f.domains):
             members = self.node_dom == d
             total = node_p[members].sum()
