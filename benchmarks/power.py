@@ -87,6 +87,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--servers", type=int, default=None, help="servers the budget is sized for (40; quick 10)")
     parser.add_argument("--duration", type=float, default=None, help="seconds of arrivals (900; quick 180)")
     parser.add_argument("--levels", default="0,0.1,0.2,0.3,0.4,0.5", help="oversubscription levels (fractions)")
+    parser.add_argument("--aligned", action="store_true",
+                        help="stress case: every server replays the trace from the same offset (synchronised bursts)")
     parser.add_argument("--lp-share", type=float, default=0.5, help="share of servers running best-effort work")
     parser.add_argument("--brake-hold", type=float, default=5.0, help="seconds the row power brake holds")
     parser.add_argument("--period", type=int, default=1, help="controller period in ticks (seconds)")
@@ -110,14 +112,16 @@ class Workload:
 
 
 def build_workload(trace: tuple[Request, ...], servers: int, duration: float, lp_share: float,
-                   rng: np.random.Generator) -> Workload:
+                   rng: np.random.Generator, aligned: bool = False) -> Workload:
+    """Each server replays the trace from a random offset; ``aligned`` gives them all one offset."""
     t = np.array([r.t for r in trace])
     prompt = np.array([r.input_tokens for r in trace], dtype=float)
     output = np.array([max(r.output_tokens, 1) for r in trace], dtype=float)
     span = float(t.max()) + 1.0
     parts = []
+    common = rng.uniform(0, span)
     for s in range(servers):
-        shifted = (t - rng.uniform(0, span)) % span
+        shifted = (t - (common if aligned else rng.uniform(0, span))) % span
         keep = np.flatnonzero(shifted < duration)
         order = keep[np.argsort(shifted[keep], kind="stable")]
         gpus = s * GPUS_PER_SERVER + np.arange(len(order)) % GPUS_PER_SERVER
@@ -187,8 +191,8 @@ def _telemetry(**values: Any) -> GPUTelemetry:
 
 # -- controllers -------------------------------------------------------------------------------
 
-# (now, draw_w, limits, prompt-phase share) -> limits (inf: none)
-Controller = Callable[[float, np.ndarray, np.ndarray, np.ndarray | None], np.ndarray]
+# (now, draw_w, policy limits, prompt-phase share, enforced limits) -> policy limits (inf: none)
+Controller = Callable[[float, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None], np.ndarray]
 
 
 class SnapshotController:
@@ -211,12 +215,14 @@ class SnapshotController:
         self.names = names
 
     def __call__(
-        self, now: float, draw: np.ndarray, limits: np.ndarray, prefill: np.ndarray | None = None
+        self, now: float, draw: np.ndarray, limits: np.ndarray, prefill: np.ndarray | None = None,
+        enforced: np.ndarray | None = None,
     ) -> np.ndarray:
+        seen = limits if enforced is None else enforced
         telemetry = tuple(
             _telemetry(
                 node=self.names[g // GPUS_PER_SERVER], index=g % GPUS_PER_SERVER, power_w=float(draw[g]),
-                power_limit_w=None if math.isinf(limits[g]) else float(limits[g]), priority=self.priority[g],
+                power_limit_w=None if seen[g] >= H100.max_power_w else float(seen[g]), priority=self.priority[g],
                 prefill_fraction=None if prefill is None else float(prefill[g]),
             )
             for g in range(len(draw))
@@ -333,7 +339,8 @@ def simulate(w: Workload, budget_w: float, controller: Controller | None, brake_
             brake_until = t + 1 + brake_hold
         active = active[np.isnan(finish[active])]
         if controller is not None and tick % period == 0:
-            limits = controller(t + 1, draw, limits, prompt_time if report_phases else None)
+            # Telemetry reports the enforced limit (the brake's while it holds), as NVML does.
+            limits = controller(t + 1, draw, limits, prompt_time if report_phases else None, cap)
         if next_arrival >= n and not len(active):
             break
     latency = finish - w.arrival
@@ -378,7 +385,7 @@ def run(args: argparse.Namespace) -> list[Case]:
     for level in levels:
         servers = round(nameplate * (1 + level))
         rng = np.random.default_rng([args.seed, round(level * 1000)])
-        w = build_workload(trace, servers, duration, args.lp_share, rng)
+        w = build_workload(trace, servers, duration, args.lp_share, rng, aligned=args.aligned)
         ref = simulate(w, math.inf, None, args.brake_hold, args.period)
         methods: dict[str, dict[str, float]] = {}
         methods["none"] = metrics_of(simulate(w, budget, None, args.brake_hold, args.period), ref, w)
@@ -403,7 +410,7 @@ def run(args: argparse.Namespace) -> list[Case]:
                     "nameplate_servers": nameplate,
                     "gpus": servers * GPUS_PER_SERVER, "budget_w": budget, "duration_s": duration,
                     "requests": len(w.arrival), "lp_share": args.lp_share, "brake_hold_s": args.brake_hold,
-                    "safety_margin": args.margin,
+                    "safety_margin": args.margin, "aligned_offsets": bool(args.aligned),
                     "polca_sweep": [list(p) for p in sweep]},
             methods=methods,
         ))
