@@ -8,26 +8,83 @@ at once) and exit 0; on losing the Lease exit 1 rather than risk two actors.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
 import socket
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from controller.kube import Kube
 from controller.metrics import HealthServer, Metrics
 from controller.reconciler.controller import Controller
 from controller.reconciler.leader import LeaderElector
+from policies.snapshot import GPUTelemetry, ServingTelemetry
 
 log = logging.getLogger("wattplane.controller")
+
+
+class HubRunner:
+    """The telemetry hub (gRPC, asyncio) on its own event-loop thread, seen from the controller's threads.
+
+    Agents authenticate with projected ServiceAccount tokens (TokenReview). The controller reads a
+    summary for each snapshot and sends power caps through the hub; both hop onto the loop thread.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread, hub: Any, server: Any,
+                 port: int) -> None:
+        self.loop, self.thread, self.hub, self.server, self.port = loop, thread, hub, server, port
+        from controller.telemetry import HubAgentPort
+
+        self.agents = HubAgentPort(hub, loop)
+
+    @classmethod
+    def start(cls, kube: Kube, host: str, port: int, tls_dir: Path | None, authenticator: Any = None) -> HubRunner:
+        from kubernetes import client
+
+        from controller.telemetry import TelemetryHub, TokenReviewAuthenticator, start_server
+
+        auth = authenticator or TokenReviewAuthenticator(api=client.AuthenticationV1Api(kube.api))
+        hub = TelemetryHub(auth)
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="telemetry-hub", daemon=True)
+        thread.start()
+        cert = tls_dir / "tls.crt" if tls_dir else None
+        key = tls_dir / "tls.key" if tls_dir else None
+        server, bound = asyncio.run_coroutine_threadsafe(
+            start_server(hub, f"{host}:{port}", tls_cert=cert, tls_key=key), loop).result(30)
+        return cls(loop, thread, hub, server, bound)
+
+    def telemetry(self) -> tuple[Sequence[GPUTelemetry], Sequence[ServingTelemetry]]:
+        from controller.telemetry import summarise
+
+        async def read() -> Any:
+            return summarise(self.hub)  # on the loop thread: no race with the streams it reads
+
+        s = asyncio.run_coroutine_threadsafe(read(), self.loop).result(5)
+        return s.gpu_telemetry, s.serving
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace=2), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kubeconfig", type=Path, default=os.environ.get("KUBECONFIG") or None,
                         help="kubeconfig file (default: $KUBECONFIG, else in-cluster, else ~/.kube/config)")
     parser.add_argument("--context", default=None)
+    parser.add_argument("--in-cluster", action="store_true", help="use the pod's ServiceAccount, ignore kubeconfig")
+    parser.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,
+                        help="campaign for the Lease before acting (--no-leader-elect: act at once, one replica only)")
+    parser.add_argument("--grpc-port", type=int, default=None,
+                        help="serve the telemetry hub for node agents on this port (default: no hub)")
+    parser.add_argument("--grpc-host", default="0.0.0.0")
+    parser.add_argument("--tls-dir", type=Path, default=None, help="tls.crt and tls.key for the hub (a Secret)")
     parser.add_argument("--workers", type=int, default=4, help="reconcile workers (passes are I/O-bound)")
     parser.add_argument("--metrics-host", default="127.0.0.1")
     parser.add_argument("--metrics-port", type=int, default=8080, help="0 picks a free port (printed)")
@@ -46,10 +103,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    kube = Kube.from_config(args.kubeconfig, args.context)
+    kube = Kube.from_config(None if args.in_cluster else args.kubeconfig, args.context)
     metrics = Metrics()
+    hub = None
+    if args.grpc_port is not None:
+        hub = HubRunner.start(kube, args.grpc_host, args.grpc_port, args.tls_dir)
+        sys.stdout.write(f"telemetry hub on {args.grpc_host}:{hub.port}\n")
     controller = Controller(kube, metrics, workers=args.workers, resync_s=args.resync, dry_run=args.dry_run,
-                            identity=args.identity)
+                            identity=args.identity, agents=hub.agents if hub else None,
+                            telemetry=hub.telemetry if hub else None)
     elector = LeaderElector(kube, args.lease_namespace, args.lease_name, args.identity,
                             lease_duration_s=args.lease_duration, renew_deadline_s=args.renew_deadline,
                             retry_s=args.retry_period)
@@ -79,9 +141,17 @@ def run(args: argparse.Namespace) -> int:
         controller.stop()
 
     try:
-        elector.run(stop, started, stopped)
+        if args.leader_elect:
+            elector.run(stop, started, stopped)
+        else:
+            elector.is_leader.set()
+            started()
+            stop.wait()
+            stopped()
     finally:
         health.stop()
+        if hub is not None:
+            hub.stop()
     if lost.is_set():
         log.error("leadership lost; exiting")
         return 1

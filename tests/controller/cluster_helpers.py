@@ -68,7 +68,8 @@ class ControllerProcess:
         args = [sys.executable, "-m", "wattplane", "controller", "--kubeconfig", str(kubeconfig),
                 "--metrics-port", str(self.port), "--lease-name", lease, "--identity", identity,
                 "--lease-duration", str(lease_duration_s), "--renew-deadline", str(lease_duration_s * 0.66),
-                "--retry-period", "0.3", "--resync", str(resync_s), "--log-level", "INFO", *extra_args]
+                "--retry-period", "0.3", "--resync", str(resync_s), "--log-level", "INFO",
+                "--grpc-host", "127.0.0.1", "--grpc-port", "0", *extra_args]  # with the telemetry hub
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
