@@ -24,8 +24,11 @@ Modelling choices (kept simple, and written down):
   set), else the GPUs of its ready, schedulable nodes in the snapshot.
 * **Cost per replica-hour** = devices x ``cost_per_device_hour`` + devices x power at load (kW)
   x ``power_price_per_kwh``. Preferred pools get a small objective discount (not in reported cost).
-* **Power per replica** (W) = devices x profile power at load (capped at the pool's cap), summed
-  per power domain against ``budget_w * (1 - safety_margin)``.
+* **Power per replica** (W) = devices x (board power at the target utilisation and the forecast
+  prompt/token mix, by :func:`policies.power_model.gpu_power_w` under the pool's cap, minus idle
+  power), summed per power domain against ``budget_w * (1 - safety_margin)`` minus the idle draw
+  of every device present in the domain (idle GPUs draw whether or not a replica runs there:
+  leaving that out planned fleets the power stage then had to cap).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from policies import power_model
 from policies.plan import SetReplicas
 from policies.profiles import Profile, ProfileTable, cap_throughput_factor, slo_utilisation
 from policies.snapshot import Pool, Snapshot
@@ -151,6 +155,12 @@ def build_instance(snapshot: Snapshot, profiles: ProfileTable, params: InstanceP
 
     devcap = np.array([math.inf if params.unlimited_capacity else pool_devices(snapshot, p) for p in pools])
     caps = pool_cap_fractions(snapshot)
+    idle_w = [power_model.gpu_power_w(p.accelerator, 0.0, 0.0, None) for p in pools]
+    idle_domain: dict[str, float] = {}  # idle draw of every device present in the domain
+    for p, pool in enumerate(pools):
+        if pool.power_domain is not None:
+            present = sum(n.gpus or pool.gpus_per_node for n in snapshot.nodes_in_pool(pool.name) if n.ready)
+            idle_domain[pool.power_domain] = idle_domain.get(pool.power_domain, 0.0) + present * idle_w[p]
     factors = [cap_throughput_factor(c) for c in caps]
     cache: dict[tuple[object, ...], Profile | None] = {}
 
@@ -194,9 +204,15 @@ def build_instance(snapshot: Snapshot, profiles: ProfileTable, params: InstanceP
                 continue
             a *= min(1.0, u_slo / max(d.target_utilisation, 1e-6))
             dv = replica_devices(d.parallelism.devices, pool.gpus_per_node)
-            watts_dev = min(prof.power_w, caps[p] * pool.accelerator.tdp_w)
-            w = dv * watts_dev
-            c = dv * pool.cost_per_device_hour + w / 1000.0 * params.power_price_per_kwh
+            # draw at the planned operating point (target utilisation, this prompt/token mix) by the
+            # same board-power model the power stage and the simulator use, above the idle draw
+            # every device pays anyway (counted once per domain below)
+            t_in, t_out = share / prof.input_tokens_per_s, 1.0 / prof.output_tokens_per_s
+            u = d.target_utilisation
+            cap_w = caps[p] * pool.accelerator.tdp_w if caps[p] < 1.0 else None
+            watts_dev = power_model.gpu_power_w(pool.accelerator, u * t_in / (t_in + t_out), u, cap_w)
+            w = dv * max(watts_dev - idle_w[p], 0.0)
+            c = dv * pool.cost_per_device_hour + dv * watts_dev / 1000.0 * params.power_price_per_kwh
             oc = c * (1 - params.preferred_discount) if pool.name in preferred else c
             ub = d.max_replicas if math.isinf(devcap[p]) else min(d.max_replicas, int(devcap[p] // dv))
             rows.append((m, p, a, c, oc, dv, w, r0, ub))
@@ -226,7 +242,8 @@ def build_instance(snapshot: Snapshot, profiles: ProfileTable, params: InstanceP
         short_price=short_price,
         pool_devices=devcap,
         pool_domain=np.array([domain_index.get(p.power_domain or "", -1) for p in pools], dtype=np.int64),
-        domain_budget=np.array([math.inf if params.unlimited_capacity else budgets.get(d, math.inf) for d in domains]),
+        domain_budget=np.array([math.inf if params.unlimited_capacity
+                                else max(budgets.get(d, math.inf) - idle_domain.get(d, 0.0), 0.0) for d in domains]),
         pool_accelerator=tuple(p.accelerator.model for p in pools),
     )
 

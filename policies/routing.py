@@ -6,7 +6,9 @@ chooses the fraction of each class sent to the fallback that maximises expected 
 
 * the large model's capacity (its replicas x profile throughput, reduced by power caps in force)
   at its target utilisation — the headroom that keeps queues, and so latency, under the SLO;
-* the fallback's own capacity (its direct traffic comes first);
+* the fallback's own capacity (its direct traffic comes first), counting the replicas placement
+  can add for it on free devices (:func:`growth_capacity`: placement runs next and sizes the
+  fallback for what is routed to it, so its current size alone must not cap the shift);
 * the user's quality floor (expected quality relative to "large only"), which is never violated:
   when capacity and floor conflict, the floor wins and the plan says so (``QualityFloor``);
 * monotonicity (an easier class goes to the fallback at least as much as a harder one), so the
@@ -134,6 +136,46 @@ def capacity(snapshot: Snapshot, deployment: ModelDeployment, profiles: ProfileT
         uncapped += serving * prof.tokens_per_s_capacity(input_share)
     factor = total / uncapped if uncapped > 0 else 1.0
     return Capacity(tokens_per_s=total, demand_tokens_per_s=out_demand, cap_factor=min(factor, 1.0))
+
+
+def growth_capacity(snapshot: Snapshot, deployment: ModelDeployment, profiles: ProfileTable) -> float:
+    """Output tokens/s the fallback could add on devices free in its pools, up to its ``max_replicas``.
+
+    Routing runs before placement, which sizes the fallback for the traffic routed to it. Judging
+    the fallback's room by its current replicas alone deadlocks under a surge: routing sends little
+    because the fallback is small, and placement keeps it small because little is routed. Free
+    devices are the pool's devices (:func:`policies.placement_instance.pool_devices`) minus those
+    of every replica there; power budgets are left to placement (a fallback it cannot grow shows up
+    as less ready capacity next cycle).
+    """
+    from policies.placement_instance import pool_devices, replica_devices
+
+    demand = next((d for d in snapshot.demand if d.deployment == deployment.name), None)
+    input_share = (demand.input_tokens_per_s / demand.output_tokens_per_s) if demand and \
+        demand.output_tokens_per_s > 0 else 1.0
+    allowed = set(deployment.allowed_pools) if deployment.allowed_pools else None
+    deps = {d.name: d for d in snapshot.deployments}
+    current = sum(rs.replicas for rs in snapshot.replicas if rs.deployment == deployment.name)
+    left = max(deployment.max_replicas - current, 0)
+    options: list[tuple[float, int]] = []  # (tokens/s per replica, replicas that fit)
+    for pool in snapshot.pools:
+        if left == 0 or (allowed is not None and pool.name not in allowed):
+            continue
+        prof = profiles.for_deployment(deployment, pool.accelerator)
+        if prof is None:
+            continue
+        used = sum(rs.replicas * replica_devices(deps[rs.deployment].parallelism.devices, pool.gpus_per_node)
+                   for rs in snapshot.replicas if rs.pool == pool.name and rs.deployment in deps)
+        free = pool_devices(snapshot, pool) - used
+        dev = replica_devices(deployment.parallelism.devices, pool.gpus_per_node)
+        if free >= dev:
+            options.append((prof.tokens_per_s_capacity(input_share), int(free // dev)))
+    total = 0.0
+    for per, fits in sorted(options, reverse=True):
+        take = min(fits, left)
+        total += take * per
+        left -= take
+    return total
 
 
 # -- the LP -----------------------------------------------------------------------------------
@@ -320,7 +362,9 @@ def _decide_lp(
                 "no demand: all traffic to the large model", metrics, None)
     util = dep.target_utilisation
     small_util = small_dep.target_utilisation if small_dep else util
-    small_room = max(small.tokens_per_s * small_util - small.demand_tokens_per_s, 0.0) / demand
+    small_grow = growth_capacity(snapshot, small_dep, config.profiles) if small_dep else 0.0
+    small_room = max((small.tokens_per_s + small_grow) * small_util - small.demand_tokens_per_s, 0.0) / demand
+    metrics["fallback_growth_tokens_per_s"] = small_grow
     need = solve(config.classes, large.tokens_per_s * util / demand, small_room, floor, config.time_limit_s)
     release_util = max(util - config.release_margin, 0.0)
     release = solve(config.classes, large.tokens_per_s * release_util / demand, small_room, floor,

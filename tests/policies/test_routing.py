@@ -235,3 +235,27 @@ def test_starting_replicas_do_not_count_as_capacity() -> None:
                                                         ReplicaSet(deployment="small", pool="h100", replicas=4,
                                                                    ready=4)))
     assert large_capacity(done) == pytest.approx(3 * large_capacity(ready))
+
+
+def test_fallback_room_counts_replicas_placement_can_add_on_free_devices() -> None:
+    """Under a surge with a small fallback, the shift must not be capped by the fallback's current
+    size when its pool has free devices: placement (next stage) sizes it for what is routed."""
+    def snap(pool_nodes: int) -> Snapshot:
+        nodes = tuple(Node(name=f"n{i}", pool="h100", gpus=8) for i in range(pool_nodes))
+        return make_snapshot(demand_tok_s=12000.0, nodes=nodes,
+                             replicas=(ReplicaSet(deployment="big", pool="h100", replicas=2, ready=2),
+                                       ReplicaSet(deployment="small", pool="h100", replicas=1, ready=1)))
+
+    full = snap(2)  # 8 + 1 devices used of 16: room for 7 more small replicas
+    tight = snap(0)  # no node information: no free devices known, current size only
+    from policies.routing import growth_capacity
+    table = default_table()
+    assert growth_capacity(full, full.deployment("small"), table) > 0
+    assert growth_capacity(tight, tight.deployment("small"), table) == 0
+    grown, stuck = share_of(plan_routing(full)), share_of(plan_routing(tight))
+    assert grown.fallback_share > stuck.fallback_share + 0.05
+    assert grown.expected_quality >= 0.8 - 1e-6  # the floor still holds
+    # max_replicas bounds the growth
+    capped = full.model_copy(update={"deployments": (full.deployment("big"), full.deployment("small").model_copy(
+        update={"max_replicas": 1}))})
+    assert growth_capacity(capped, capped.deployment("small"), table) == 0
