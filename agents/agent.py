@@ -5,7 +5,10 @@ Three independent loops share one event loop:
 - the guard reads device power every ``guard.period_s`` and caps the node locally when needed;
 - the connection keeps one stream to the hub, reconnecting with jittered exponential backoff.
 Reports queue in a bounded buffer while disconnected (the oldest are dropped first and counted)
-and are sent in order after the next hello; command results go ahead of reports.
+and are sent in order after the next hello; command results go ahead of reports. Reports already
+written to a stream stay in a ring (``sent``) until the next ``Welcome`` says which seq the hub
+stored last: the later ones are re-sent first (a write to a cut link "succeeds" into a socket
+buffer and is lost with it), earlier ones dropped, so each report reaches the hub once.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
 from collections import deque
@@ -45,6 +49,7 @@ class AgentConfig:
     buffer_reports: int = 300  # reports kept while disconnected
     backoff_base_s: float = 0.2
     backoff_max_s: float = 15.0
+    keepalive_s: float = 10.0  # HTTP/2 ping interval; a dead link is noticed within ~2x this
     welcome_timeout_s: float = 5.0
     power_domain: str = ""
     guard: GuardConfig = field(default_factory=GuardConfig)
@@ -78,6 +83,9 @@ class Agent:
         self.report_interval_s = config.report_interval_s
         self.outbox: deque[pb.AgentMessage] = deque(maxlen=config.buffer_reports)
         self.results: deque[pb.AgentMessage] = deque()
+        self.sent: deque[pb.AgentMessage] = deque(maxlen=config.buffer_reports)  # written, not yet confirmed
+        self.instance_id = f"{os.getpid()}-{time.time_ns()}"  # report seqs restart with the process
+        self.resent_reports = 0
         self.dropped_reports = 0
         self.connected = False
         self.connections = 0
@@ -191,7 +199,9 @@ class Agent:
             await asyncio.sleep(delay)
 
     def _channel(self) -> grpc.aio.Channel:
-        options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+        keepalive_ms = int(self.config.keepalive_s * 1000)
+        timeout_ms = max(1000, keepalive_ms // 2)
+        options = [("grpc.keepalive_time_ms", keepalive_ms), ("grpc.keepalive_timeout_ms", timeout_ms)]
         if self.config.tls_ca is not None:
             creds = grpc.ssl_channel_credentials(self.config.tls_ca.read_bytes())
             return grpc.aio.secure_channel(self.config.target, creds, options=options)
@@ -248,7 +258,21 @@ class Agent:
             self.guard.config.share_w = welcome.node_share_w
         if self.guard.failsafe(None):
             self.limits.sync()
+        self._requeue_unconfirmed(welcome.last_seq)
         self._wake.set()
+
+    def _requeue_unconfirmed(self, last_seq: int) -> None:
+        """Put reports written after the hub's ``last_seq`` back in front of the outbox, in order."""
+        again = [m for m in self.sent if m.report.seq > last_seq]
+        self.sent.clear()
+        if not again:
+            return
+        self.resent_reports += len(again)
+        merged = again + list(self.outbox)
+        overflow = max(0, len(merged) - (self.outbox.maxlen or len(merged)))
+        self.dropped_reports += overflow
+        self.outbox.clear()
+        self.outbox.extend(merged[overflow:])
 
     async def _send_loop(self, call: grpc.aio.StreamStreamCall[pb.AgentMessage, pb.ControllerMessage]) -> None:
         while True:
@@ -260,6 +284,8 @@ class Agent:
                 except BaseException:
                     queue.appendleft(msg)  # not sent: keep it for the next stream
                     raise
+                if queue is self.outbox:
+                    self.sent.append(msg)
             self._wake.clear()
             await self._wake.wait()
 
@@ -272,6 +298,7 @@ class Agent:
             power_domain=self.config.power_domain,
             node_share_w=self.config.guard.share_w,
             report_interval_s=self.report_interval_s,
+            instance_id=self.instance_id,
             accelerators=[
                 pb.AcceleratorInfo(
                     index=d.index,

@@ -79,7 +79,7 @@ def report_template(seed: int) -> tuple[bytearray, int]:
         tpot_p50_ms=28, tpot_p99_ms=60, kv_cache_use=0.62,
     )  # fmt: skip
     report = pb.NodeReport(
-        sent_unix_ns=SENTINEL, seq=1, sampled_unix_ns=1, gpus=gpus, replicas=[replica],
+        sent_unix_ns=SENTINEL, seq=0, sampled_unix_ns=1, gpus=gpus, replicas=[replica],
         node_power_w=sum(g.power_w for g in gpus),
     )  # fmt: skip
     raw = pb.AgentMessage(report=report).SerializeToString()

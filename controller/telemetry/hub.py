@@ -9,6 +9,16 @@ stream from that node (the agent applies an id once and repeats its earlier answ
 The request deserializer is the identity, so the hub sees raw bytes and can count malformed and
 oversized messages itself instead of letting gRPC drop them silently. A rejected message ends
 only its own stream; state shared between streams is touched only by the event loop thread.
+
+Reports are delivered once: each carries a per-agent-instance ``seq``; the hub drops (and counts)
+any report at or below the last seq it stored for that instance, and tells a reconnecting agent
+that seq in the ``Welcome`` so it re-sends only what the hub never stored.
+
+Load shedding, each with a ``RESOURCE_EXHAUSTED`` status the agent answers with backoff: streams
+beyond ``max_streams`` are refused before any work; a stream sending reports faster than its token
+bucket allows (burst ``report_burst``, refill ``rate_factor`` x the report rate) is ended; an
+identity whose streams were rejected ``reject_budget`` times within ``reject_window_s`` is refused
+outright until the window passes, so one misbehaving agent's reconnect storm costs little.
 """
 
 from __future__ import annotations
@@ -46,6 +56,11 @@ class HubConfig:
     history: int = 8  # reports kept per node (ring buffer)
     max_message_bytes: int = 512 * 1024  # larger agent messages are rejected and counted
     lag_samples: int = 200_000  # report-to-state lag samples kept for percentiles
+    max_streams: int = 0  # concurrent agent streams admitted; 0: no limit
+    report_burst: int = 400  # reports a stream may send at once (a reconnect flushes its buffer)
+    rate_factor: float = 4.0  # sustained reports per report interval a stream may send
+    reject_budget: int = 20  # rejected streams per identity per window before it is quarantined
+    reject_window_s: float = 10.0
 
 
 class CommandState(StrEnum):
@@ -79,6 +94,9 @@ class NodeState:
     history: deque[pb.NodeReport] = field(default_factory=deque)
     reports: int = 0
     power_domain: str | None = None
+    instance: str = ""  # the agent process instance whose seqs ``last_seq`` counts
+    last_seq: int = 0  # highest report seq stored from that instance
+    lag_ms_max: float = 0.0  # worst report-to-state lag seen from this node
 
     def stale(self, now: float, stale_after_s: float) -> bool:
         seen = self.last_report_at if self.last_report_at is not None else self.connected_at
@@ -136,6 +154,10 @@ class TelemetryHub:
         self.commands: dict[str, CommandRecord] = {}
         self.rejected: Counter[str] = Counter()
         self.reports_total = 0
+        self.duplicates = 0  # re-sent reports already stored (dropped)
+        self.shed: Counter[str] = Counter()  # streams refused or ended to shed load, by reason
+        self._streams = 0
+        self._recent_rejects: dict[str, deque[float]] = {}
         self.lag = LagRecorder(self.config.lag_samples)
         self._sessions: dict[str, _Session] = {}
         self._domains: dict[str, str] = {}
@@ -158,22 +180,48 @@ class TelemetryHub:
         messages = aiter(request_iterator)
         session: _Session | None = None
         writer: asyncio.Task[None] | None = None
+        key: str | None = None
+        self._streams += 1
         try:
+            if self.config.max_streams and self._streams > self.config.max_streams:
+                raise Rejected(RejectReason.OVERLOADED, f"hub at its limit of {self.config.max_streams} streams")
             identity = await self._authenticate(context)
+            key = identity.node or identity.user
+            self._check_quarantine(key)
             hello = await self._read_hello(messages, identity)
             session = self._open_session(hello, identity)
-            await context.write(self._welcome(hello))
+            await context.write(self._welcome(hello, self.nodes[hello.node_name].last_seq))
             writer = asyncio.create_task(self._write_loop(session, context))
             self._resend_pending(session)
             await self._read_loop(session, messages)
         except Rejected as exc:
             self.rejected[exc.reason.value] += 1
+            if exc.status is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self.shed[exc.reason.value] += 1
+            if key is not None and exc.reason is not RejectReason.QUARANTINED:
+                self._recent_rejects.setdefault(key, deque()).append(self._clock())
             await context.abort(exc.status, str(exc))
         finally:
+            self._streams -= 1
             if writer is not None:
                 writer.cancel()
             if session is not None:
                 self._close_session(session)
+
+    def _check_quarantine(self, key: str) -> None:
+        recent = self._recent_rejects.get(key)
+        if not recent:
+            return
+        horizon = self._clock() - self.config.reject_window_s
+        while recent and recent[0] < horizon:
+            recent.popleft()
+        if not recent:
+            del self._recent_rejects[key]
+        elif len(recent) >= self.config.reject_budget:
+            raise Rejected(
+                RejectReason.QUARANTINED,
+                f"{len(recent)} rejected streams from {key!r} in {self.config.reject_window_s:.0f} s; back off",
+            )
 
     async def _authenticate(self, context: grpc.aio.ServicerContext[bytes, bytes]) -> Identity:
         token = bearer_token(context.invocation_metadata())
@@ -203,6 +251,8 @@ class TelemetryHub:
         state = self.nodes[session.node]
         bounds = ReportBounds(state.hello)
         lag = self.lag
+        refill_per_s = self.config.rate_factor / max(self.config.report_interval_s, 1e-3)
+        tokens, refilled_at = float(self.config.report_burst), self._clock()
         async for raw in messages:
             if session.superseded:
                 return
@@ -210,7 +260,19 @@ class TelemetryHub:
             kind = msg.WhichOneof("body")
             if kind == "report":
                 report = msg.report
+                now = self._clock()
+                tokens = min(float(self.config.report_burst), tokens + (now - refilled_at) * refill_per_s)
+                refilled_at = now
+                if tokens < 1.0:
+                    raise Rejected(RejectReason.RATE_LIMITED, "reports arrive faster than the report interval allows")
+                tokens -= 1.0
+                seq = report.seq
+                if seq and seq <= state.last_seq:
+                    self.duplicates += 1  # re-sent after a reconnect but already stored
+                    continue
                 validate_report(report, bounds)
+                if seq:
+                    state.last_seq = seq
                 now_ns = time.time_ns()
                 state.last_report = report
                 state.last_report_at = self._clock()
@@ -218,7 +280,10 @@ class TelemetryHub:
                 state.reports += 1
                 self.reports_total += 1
                 if report.sent_unix_ns:
-                    lag.add((now_ns - report.sent_unix_ns) / 1e6)
+                    lag_ms = (now_ns - report.sent_unix_ns) / 1e6
+                    lag.add(lag_ms)
+                    if lag_ms > state.lag_ms_max:
+                        state.lag_ms_max = lag_ms
             elif kind == "result":
                 self._record_result(msg.result)
             else:
@@ -232,12 +297,13 @@ class TelemetryHub:
         except DecodeError as exc:
             raise Rejected(RejectReason.MALFORMED, f"not an AgentMessage: {exc}") from None
 
-    def _welcome(self, hello: pb.NodeHello) -> pb.ControllerMessage:
+    def _welcome(self, hello: pb.NodeHello, last_seq: int) -> pb.ControllerMessage:
         return pb.ControllerMessage(
             welcome=pb.Welcome(
                 protocol_version=PROTOCOL_VERSION,
                 report_interval_s=self.config.report_interval_s,
                 node_share_w=self._shares.get(hello.node_name, 0.0),
+                last_seq=last_seq,
             )
         )
 
@@ -250,10 +316,13 @@ class TelemetryHub:
         self._sessions[name] = session
         now = self._clock()
         prev = self.nodes.get(name)
-        state = NodeState(name=name, hello=hello, identity=identity, connected_at=now)
+        state = NodeState(name=name, hello=hello, identity=identity, connected_at=now, instance=hello.instance_id)
         state.history = deque(prev.history if prev else (), maxlen=self.config.history)
         if prev is not None:  # keep the latest reading across reconnects
             state.reports, state.last_report, state.last_report_at = prev.reports, prev.last_report, prev.last_report_at
+            state.lag_ms_max = prev.lag_ms_max
+            if prev.instance == hello.instance_id:  # same agent process: its seqs continue
+                state.last_seq = prev.last_seq
         state.power_domain = self._domains.get(name) or hello.power_domain or None
         self.nodes[name] = state
         return session

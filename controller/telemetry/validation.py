@@ -31,6 +31,9 @@ class RejectReason(StrEnum):
     OUT_OF_RANGE = "out_of_range"
     PROTOCOL = "protocol"  # wrong message order or version
     AUTH_UNAVAILABLE = "auth_unavailable"  # the authenticator itself failed (e.g. API server down)
+    OVERLOADED = "overloaded"  # the hub is at its stream limit: shed, the agent retries with backoff
+    RATE_LIMITED = "rate_limited"  # one stream sent reports far faster than its interval allows
+    QUARANTINED = "quarantined"  # this identity's streams were rejected too often just now
 
 
 STATUS: dict[RejectReason, grpc.StatusCode] = {
@@ -40,6 +43,9 @@ STATUS: dict[RejectReason, grpc.StatusCode] = {
     RejectReason.OVERSIZED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     RejectReason.OUT_OF_RANGE: grpc.StatusCode.OUT_OF_RANGE,
     RejectReason.PROTOCOL: grpc.StatusCode.FAILED_PRECONDITION,
+    RejectReason.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    RejectReason.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    RejectReason.QUARANTINED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     RejectReason.AUTH_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
 }
 

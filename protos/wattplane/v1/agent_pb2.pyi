@@ -140,6 +140,7 @@ class NodeHello(_message.Message):
     POWER_DOMAIN_FIELD_NUMBER: _builtins.int
     NODE_SHARE_W_FIELD_NUMBER: _builtins.int
     REPORT_INTERVAL_S_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     node_name: _builtins.str
     agent_version: _builtins.str
@@ -151,6 +152,8 @@ class NodeHello(_message.Message):
     """the node's share of its domain budget the local guard enforces"""
     report_interval_s: _builtins.float
     """the interval the agent intends to report at"""
+    instance_id: _builtins.str
+    """new on every agent process start; report seqs restart with it"""
     @_builtins.property
     def accelerators(self) -> _containers.RepeatedCompositeFieldContainer[Global___AcceleratorInfo]: ...
     def __init__(
@@ -164,10 +167,11 @@ class NodeHello(_message.Message):
         power_domain: _builtins.str = ...,
         node_share_w: _builtins.float = ...,
         report_interval_s: _builtins.float = ...,
+        instance_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerators", b"accelerators", "agent_version", b"agent_version", "node_name", b"node_name", "node_share_w", b"node_share_w", "power_domain", b"power_domain", "protocol_version", b"protocol_version", "report_interval_s", b"report_interval_s", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerators", b"accelerators", "agent_version", b"agent_version", "instance_id", b"instance_id", "node_name", b"node_name", "node_share_w", b"node_share_w", "power_domain", b"power_domain", "protocol_version", b"protocol_version", "report_interval_s", b"report_interval_s", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -327,7 +331,7 @@ class NodeReport(_message.Message):
     sent_unix_ns: _builtins.int
     """when the agent sent (or scheduled) this report"""
     seq: _builtins.int
-    """per-agent sequence number, increasing"""
+    """per agent instance, increasing from 1; 0: unsequenced (no dedup)"""
     sampled_unix_ns: _builtins.int
     """when the readings were taken (differs from sent for buffered reports)"""
     node_power_w: _builtins.float
@@ -548,20 +552,26 @@ class Welcome(_message.Message):
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     REPORT_INTERVAL_S_FIELD_NUMBER: _builtins.int
     NODE_SHARE_W_FIELD_NUMBER: _builtins.int
+    LAST_SEQ_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     report_interval_s: _builtins.float
     node_share_w: _builtins.float
     """0: keep the agent's own configuration"""
+    last_seq: _builtins.int
+    """Highest report seq the hub stored from this agent instance (0: none). The agent re-sends only
+    the reports it wrote after that one, so buffered reports arrive once after a reconnect.
+    """
     def __init__(
         self,
         *,
         protocol_version: _builtins.int = ...,
         report_interval_s: _builtins.float = ...,
         node_share_w: _builtins.float = ...,
+        last_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_share_w", b"node_share_w", "protocol_version", b"protocol_version", "report_interval_s", b"report_interval_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_seq", b"last_seq", "node_share_w", b"node_share_w", "protocol_version", b"protocol_version", "report_interval_s", b"report_interval_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
