@@ -190,3 +190,43 @@ def test_cli_trace_override_replays_the_real_trace(data_dir: Path, tmp_path: Pat
     requests = doc["policy_sets"]["wattplane"]["metrics"]["requests"]
     # 11.06 req/s = two copies of the trace's 5.53 req/s; the first 90 s of the trace are near its mean
     assert 0.6 * 11.06 * 90 < requests < 1.4 * 11.06 * 90
+
+
+def test_guard_shares_cover_replicas_at_full_load_even_before_they_draw() -> None:
+    """A node whose replicas are starting (idle draw at the cycle) must not be held to that draw
+    when they come up: shares follow the planned draw at load, so a domain whose plan fits its
+    budget leaves every node within its share."""
+    sc = make_scenario()
+    sim = Simulation(sc, sc.policies.pipeline(), generate_load(sc, seed=1), 1)
+    f = sim.fleet
+    for i, d in enumerate(sc.deployments):  # the initial replicas, as run() places them
+        for pool, n in d.initial_replicas.items():
+            f.desired[i, f.pool_index[pool]] = n
+    f.reconcile_replicas(0.0)
+    sim._refresh(0.0)
+    idle = np.array([sim._power(int(p), 0.0, 0.0, np.nan) for p in f.gpu_pool])
+    sim._set_shares(idle)  # every GPU idle at the cycle, as when the replicas are still loading
+    full = idle.copy()
+    for r in f.replicas.values():
+        full[r.gpus] = sim._power(r.pool, float(sim.prefill_fraction[r.deployment, r.pool]), 1.0, np.nan)
+    node_full = np.bincount(f.gpu_node, weights=full, minlength=len(f.node_names))
+    assert node_full.sum() <= sc.power_domains[0].budget_w  # the case: the plan fits the budget
+    busy = np.bincount(f.gpu_node, weights=(full > idle).astype(float), minlength=len(f.node_names)) > 0
+    assert busy.any()
+    assert (sim.node_share[busy] >= node_full[busy] - 1e-6).all()
+    assert sim.node_share.sum() == pytest.approx(sc.power_domains[0].budget_w)
+
+
+def test_quality_reports_what_routing_gave_up(small: Scenario) -> None:
+    from policies.routing import DEFAULT_CLASSES, relative_quality, shares_for_total
+
+    static = Simulation(small, _static(), generate_load(small, seed=2), 2).run()
+    assert static.metrics["quality"] == 1.0
+    load = generate_load(small, seed=2)
+    r = Simulation(small, small.policies.pipeline(), load, 2).run()
+    share = r.series["fallback_share"]
+    assert share.max() > 0
+    q = np.vectorize(lambda s: relative_quality(DEFAULT_CLASSES, shares_for_total(DEFAULT_CLASSES, round(s, 4))))
+    expected = 1 - float((load.requests * (1 - q(share))).sum() / load.requests.sum())
+    assert r.metrics["quality"] == pytest.approx(expected, abs=1e-9)
+    assert r.metrics["quality"] < 1.0 or share.max() <= 0.1001 + 1e-9  # the easiest band costs nothing

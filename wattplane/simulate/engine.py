@@ -23,6 +23,9 @@ The serving model (fluid, per deployment; documented so results can be judged):
   1.4x — a p99/median ratio typical of continuous batching — as the batch fills;
 * a step meets its SLO when both p99s are within the deployment's SLO; SLO attainment is the share
   of requests that arrived in steps that met it;
+* quality: each addressed request of a routed deployment counts the expected answer quality of
+  its routing share relative to the large model alone (:func:`policies.routing.relative_quality`
+  over the router's score bands); ``quality`` is the mean over all addressed requests;
 * power per GPU: :func:`policies.power_model.gpu_power_w` with the deployment's utilisation
   (served / capacity) and prompt-phase share; idle GPUs draw idle power, background pods half load;
 * the node agents' local guard (``agents/guard.py``) is emulated per node when a power stage runs:
@@ -48,6 +51,7 @@ from agents.guard import GuardConfig
 from policies import power_model
 from policies.pipeline import OFF, PipelineConfig, PipelineState, Stage, run_pipeline
 from policies.plan import Plan
+from policies.routing import DEFAULT_CLASSES, relative_quality, shares_for_total
 from policies.profiles import (
     TPOT_P99_IDLE,
     TPOT_P99_SLOPE,
@@ -136,6 +140,7 @@ class Simulation:
                 self.prefill_fraction[d, p] = t_in / (t_in + t_out)
         self.priority = [d.priority for d in self.domains]
         self._power_cache: dict[tuple[int, float, float, float], float] = {}
+        self._quality_cache: dict[float, float] = {}
         self._thr_cache: dict[tuple[int, float, float], float] = {}
         self._moe_init()
         self._static: tuple[tuple[Pool, ...], tuple[PowerDomain, ...]] | None = None
@@ -253,6 +258,17 @@ class Simulation:
         counts = np.bincount(self.gpu_role[serving], minlength=n_dep)
         dep_speed = np.bincount(self.gpu_role[serving], weights=speed, minlength=n_dep) / np.maximum(counts, 1)
         return np.where(counts > 0, dep_speed, 1.0), scale, dom, int(over.sum())
+
+    def _routed_quality(self, share: float) -> float:
+        """Expected answer quality relative to the large model alone when ``share`` of its
+        requests (the easiest, by the router's score bands) go to the fallback: what a fallback
+        share costs, so SLO gains bought by routing are not free in the report."""
+        key = round(share, 4)
+        q = self._quality_cache.get(key)
+        if q is None:
+            q = relative_quality(DEFAULT_CLASSES, shares_for_total(DEFAULT_CLASSES, key))
+            self._quality_cache[key] = q
+        return q
 
     # -- capacity and power ---------------------------------------------------------------------
     def _thr(self, pool: int, cap: float, pf: float) -> float:
@@ -526,6 +542,7 @@ class Simulation:
         offered = self.load.output_tokens[:, 0] / dt  # smoothed offered load (tokens/s), see RHO_SMOOTHING_S
         alpha = 1.0 - math.exp(-dt / RHO_SMOOTHING_S)
         dropped = np.zeros(n_dep)
+        quality_loss = 0.0  # addressed requests x quality given up by routing them to a fallback
         total = ApplyReport()
         state = PipelineState()
         cycles: list[dict[str, Any]] = []
@@ -592,6 +609,7 @@ class Simulation:
             share = np.zeros(n_dep)
             for dep, (fb, sh) in f.routing.items():
                 share[dep] = sh
+                quality_loss += float(self.load.requests[dep, s]) * (1.0 - self._routed_quality(sh))
                 for arr in (req, inp, out):
                     moved = arr[dep] * sh
                     arr[dep] -= moved
@@ -644,6 +662,8 @@ class Simulation:
         metrics = self._metrics(s_power, budgets, s_requests, s_met, s_ttft, s_tpot, s_served, s_cost,
                                 self.load, total, cycles, dropped, fallback_plans, plans_total)
         metrics["guard_node_s"] = guard_node_s
+        addressed = float(self.load.requests.sum())
+        metrics["quality"] = 1.0 - quality_loss / addressed if addressed else 1.0
         dep_names = [d.name for d in self.domains]
         per_dep = {
             name: {

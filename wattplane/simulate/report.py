@@ -22,7 +22,7 @@ from wattplane.simulate.engine import SimResult
 # design §6 names first, then the others
 HEADLINE = ("slo_attainment", "cost_per_hour", "energy_kwh", "tokens_per_joule", "over_budget_s", "migrations",
             "expert_copies", "fallback_share", "solver_ms_p99")
-EXTRA = ("cost_per_million_tokens", "caps_applied", "ttft_p99_ms", "tpot_p99_ms", "replica_changes",
+EXTRA = ("quality", "cost_per_million_tokens", "caps_applied", "ttft_p99_ms", "tpot_p99_ms", "replica_changes",
          "dropped_share", "policy_fallback_share", "guard_node_s")
 
 
