@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 
 from ortools.sat.python import cp_model
 from pydantic import Field
@@ -67,6 +68,7 @@ class PowerConfig(Frozen):
     min_hold_s: NonNegFloat = 5.0  # a cap stays at least this long before it is raised
     volatility_k: NonNegFloat = 2.0  # allowance = k x EWMA of the domain's upward swings per cycle
     volatility_alpha: Fraction = 0.1  # EWMA weight of the newest swing
+    recent_max_rise: bool = False  # also keep room for the largest rise of the last ``history`` cycles (opt-in)
     history: int = Field(default=60, ge=1)  # draws kept in state for the status percentiles
     demand_alpha: Fraction = 0.3  # EWMA weight of the newest unpinned draw in a GPU's remembered demand
     pinned_tolerance: Fraction = 0.03  # a reading within this share of its limit is "pinned at the cap"
@@ -435,7 +437,7 @@ def _gap(objective: float, bound: float) -> float:
 def _plan_domain(snapshot: Snapshot, domain: PowerDomain, config: PowerConfig, state: PowerState) -> DomainResult:
     gpus, fixed_w = domain_gpus(snapshot, domain, state, config.pinned_tolerance)
     memory = _domain_memory(snapshot, domain, state, gpus, fixed_w, config)
-    target = domain.budget_w * (1 - domain.safety_margin) - config.volatility_k * memory.swing_w
+    target = domain.budget_w * (1 - domain.safety_margin) - volatility_allowance(memory, config)
     current = tuple(g.current_cap_w for g in gpus)
     measured = fixed_w + sum(g.reading_w for g in gpus)
     predicted_now = fixed_w + sum(_predict(g, g.current_cap_w) for g in gpus)
@@ -460,6 +462,21 @@ def _plan_domain(snapshot: Snapshot, domain: PowerDomain, config: PowerConfig, s
         caps = tuple(options[i][k].cap_w for i, k in enumerate(solution.choice))
     predicted = fixed_w + sum(_predict(g, c) for g, c in zip(gpus, caps, strict=True))
     return DomainResult(domain, gpus, caps, solution, mode, measured, fixed_w, predicted, target, memory)
+
+
+def volatility_allowance(memory: DomainMemory, config: PowerConfig) -> float:
+    """Watts kept free for the next cycle's rise: k x the typical rise, or the largest recent one.
+
+    The EWMA covers steady jitter; the recent maximum (``config.history`` cycles, opt-in) covers
+    bursts that hit many servers at once, which a 1 s loop can only absorb if it left room before
+    them — at a price in caps and latency (see docs/benchmarks.md, power, aligned case).
+    """
+    typical = config.volatility_k * memory.swing_w
+    if not config.recent_max_rise:
+        return typical
+    draws = memory.recent_draw_w
+    largest = max((b - a for a, b in pairwise(draws)), default=0.0)
+    return max(typical, largest)
 
 
 def _predict(g: GPUView, cap: float | None) -> float:

@@ -18,6 +18,7 @@ from policies.power import (
     plan_power,
     slowdown_cost,
     solve_greedy,
+    volatility_allowance,
 )
 from policies.snapshot import (
     AcceleratorSpec,
@@ -277,3 +278,13 @@ def test_known_prompt_share_lets_a_cap_above_the_average_clip_prompt_bursts() ->
     blind_cap = caps_of(blind)["n0"]
     assert phased_cap is not None and phased_cap > draw
     assert blind_cap is not None and blind_cap < draw
+
+
+def test_recent_max_rise_keeps_room_for_the_largest_recent_jump() -> None:
+    state = PowerState()
+    for k, d in enumerate([300.0, 300.0, 600.0, 600.0]):  # one 600 W jump (2 GPUs x 300 W)
+        plan = plan_power(make_snapshot([d] * 2, budget_w=4000.0, now=float(k)), PowerConfig(), state)
+        state = PowerState.model_validate(plan.state)
+    memory = state.domains["row"]
+    assert volatility_allowance(memory, PowerConfig(recent_max_rise=True)) == pytest.approx(600.0)
+    assert volatility_allowance(memory, PowerConfig()) < 600.0
