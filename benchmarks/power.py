@@ -3,8 +3,9 @@
 The row. A fixed GPU power budget sized for ``--servers`` servers of 8 H100s at nameplate (TDP);
 for 0%, 10%, ... 50% more servers than that, every server replays the Azure LLM conversation trace
 (``azure-llm-2023/AzureLLMInferenceTrace_conv.csv``, Splitwise's trace) from its own seeded random
-offset (circularly), its requests spread round-robin over its 8 GPUs. A share ``--lp-share`` of
-the servers run best-effort (low-priority) work, the rest latency-critical.
+offset (circularly), its requests spread round-robin over its 8 GPUs (``--aligned``: one offset for
+all servers, a stress case with synchronised bursts). A share ``--lp-share`` of the servers run
+best-effort (low-priority) work, the rest latency-critical.
 
 The engine (one per GPU, continuous batching, simulated in 1 s ticks, vectorised over requests):
   * prompt phase first: a GPU spends up to the whole tick on queued prompts, FIFO, at
