@@ -205,7 +205,9 @@ def test_guard_shares_cover_replicas_at_full_load_even_before_they_draw() -> Non
     f.reconcile_replicas(0.0)
     sim._refresh(0.0)
     idle = np.array([sim._power(int(p), 0.0, 0.0, np.nan) for p in f.gpu_pool])
-    sim._set_shares(idle)  # every GPU idle at the cycle, as when the replicas are still loading
+    for r in f.replicas.values():  # every replica still loading its weights: idle draw at the cycle
+        r.ready_at = 60.0
+    sim._set_shares(idle, 0.0)
     full = idle.copy()
     for r in f.replicas.values():
         full[r.gpus] = sim._power(r.pool, float(sim.prefill_fraction[r.deployment, r.pool]), 1.0, np.nan)
@@ -215,6 +217,12 @@ def test_guard_shares_cover_replicas_at_full_load_even_before_they_draw() -> Non
     assert busy.any()
     assert (sim.node_share[busy] >= node_full[busy] - 1e-6).all()
     assert sim.node_share.sum() == pytest.approx(sc.power_domains[0].budget_w)
+    # ready replicas count what they draw now (a busy node keeps the headroom it uses)
+    for r in f.replicas.values():
+        r.ready_at = 0.0
+    sim._set_shares(idle, 0.0)
+    node_idle = np.bincount(f.gpu_node, weights=idle, minlength=len(f.node_names))
+    assert np.allclose(sim.node_share, sc.power_domains[0].budget_w * node_idle / node_idle.sum())
 
 
 def test_quality_reports_what_routing_gave_up(small: Scenario) -> None:

@@ -211,17 +211,17 @@ class Simulation:
         self.node_share = np.full(len(f.node_names), np.inf)
         self.guard_margin = GuardConfig().margin
 
-    def _set_shares(self, gpu_power: np.ndarray) -> None:
+    def _set_shares(self, gpu_power: np.ndarray, now: float) -> None:
         """Each node's share of its domain budget: the budget split in proportion to the nodes'
-        planned draw (an assumption: the shares sum to the budget, so nodes within their shares
-        keep the domain within budget). A replica's GPUs count at full load under their cap, ready
-        or still starting, so a node whose load grows or whose new replica comes up between two
-        cycles is not held to the draw it had when it was idle; other GPUs count their draw now."""
+        draw (an assumption: the shares sum to the budget, so nodes within their shares keep the
+        domain within budget). GPUs of a replica still starting count at full load under their
+        cap rather than their idle draw now, so a node whose new replica comes up before the next
+        cycle is not held to the draw it had while the weights loaded."""
         f = self.fleet
         planned = gpu_power.copy()
         capq = np.where(np.isnan(f.cap), -1.0, np.round(f.cap, 0))
         for r in f.replicas.values():
-            if self.profiles[r.deployment][r.pool] is None:
+            if r.ready_at <= now or self.profiles[r.deployment][r.pool] is None:
                 continue
             pf = float(self.prefill_fraction[r.deployment, r.pool])
             for g in r.gpus.tolist():
@@ -573,7 +573,7 @@ class Simulation:
                 window = self._window(win_start, s, s_requests, s_demand, backlog, s_ttft, s_tpot)
                 gpu_power = last_group_power[self.gpu_group] * gpu_scale
                 if self.guard:
-                    self._set_shares(gpu_power)
+                    self._set_shares(gpu_power, now)
                 gpu_util = np.where(self.gpu_role >= 0, last_util[np.maximum(self.gpu_role, 0)],
                                     np.where(self.gpu_role == -2, 0.5, 0.0))
                 t0 = time.perf_counter()
