@@ -51,7 +51,6 @@ from agents.guard import GuardConfig
 from policies import power_model
 from policies.pipeline import OFF, PipelineConfig, PipelineState, Stage, run_pipeline
 from policies.plan import Plan
-from policies.routing import DEFAULT_CLASSES, relative_quality, shares_for_total
 from policies.profiles import (
     TPOT_P99_IDLE,
     TPOT_P99_SLOPE,
@@ -60,6 +59,7 @@ from policies.profiles import (
     ProfileTable,
     default_table,
 )
+from policies.routing import DEFAULT_CLASSES, relative_quality, shares_for_total
 from policies.snapshot import (
     ExpertLoad,
     ExpertPlacement,
