@@ -442,6 +442,7 @@ class TestCluster:
                 POOL_LABEL: pool,
                 GPU_PRODUCT_LABEL: accelerator,
                 "nvidia.com/gpu.count": str(gpus),
+                "nvidia.com/gpu.present": "true",  # as NVIDIA GPU feature discovery labels GPU nodes
                 **(labels or {}),
             }
             capacity = {
