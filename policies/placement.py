@@ -688,7 +688,9 @@ def stabilise(inst: Instance, now: float, config: PlacementConfig,
     """Up fast, down slow (the HPA's scale-down stabilisation, on capacity rather than replicas).
 
     Need rises at once; it falls only to the highest raw need of the last ``scale_down_window_s``,
-    and not below the current capacity until the deployment has been watched for a whole window.
+    and not below the current capacity until the deployment has been watched for a whole window,
+    nor in a cycle whose raw need is above the last one (no scale-down into a rising trend: the
+    window's history can predate a burst that has just begun).
     Every removed replica costs a cold start when the load comes back, and bursts arrive faster
     than replicas start. Returns the instance with the stabilised need and the state to carry on.
     """
@@ -702,7 +704,8 @@ def stabilise(inst: Instance, now: float, config: PlacementConfig,
         recent = tuple((t, v) for t, v in state.needs.get(name, ()) if 0.0 <= now - t < window)
         raw = float(inst.need[m])
         floor = max((v for _, v in recent), default=0.0)
-        if now - t0 < window:
+        rising = bool(recent) and raw > recent[-1][1]
+        if now - t0 < window or rising:  # warming up, or need growing: never remove capacity now
             floor = max(floor, float(cover[m]))
         need[m] = max(raw, floor)
         first_seen[name] = t0

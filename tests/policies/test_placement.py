@@ -390,3 +390,25 @@ def test_stabilisation_state_round_trips_and_forgets_old_needs() -> None:
         state = placement.PlacementState.model_validate(plan.state)
     assert state.first_seen == {"small": 0.0}
     assert [t for t, _ in state.needs["small"]] == [180.0, 240.0]  # only the window (and the latest) is kept
+
+
+def test_no_scale_down_while_need_is_rising() -> None:
+    """After the window, a cycle whose need grew since the last one keeps the current capacity even
+    if the window's history says less would do (a burst that has just begun); the next cycle
+    without growth scales down."""
+    cfg = PlacementConfig(scale_down_window_s=120.0)
+    state = placement.PlacementState()
+    fleet: dict[tuple[str, str], int] = {("small", "h100"): 10}
+    for t, demand in ((0.0, 500.0), (60.0, 500.0), (120.0, 500.0), (180.0, 500.0)):
+        snap = _small_only(fleet, demand, now=t)
+        plan = plan_placement(snap, cfg, state)
+        state = placement.PlacementState.model_validate(plan.state)
+    assert _replicas_after(snap, plan) < 10  # a whole window of low need: scaled down
+    fleet = {("small", "h100"): 10}
+    state = placement.PlacementState.model_validate(plan.state)
+    snap = _small_only(fleet, 900.0, now=240.0)  # rising, yet well below what 10 replicas serve
+    plan = plan_placement(snap, cfg, state)
+    assert _replicas_after(snap, plan) == 10
+    state = placement.PlacementState.model_validate(plan.state)
+    snap = _small_only(fleet, 900.0, now=300.0)  # flat: down to what the window's peak needs
+    assert _replicas_after(snap, plan_placement(snap, cfg, state)) < 10
