@@ -24,6 +24,7 @@ outright until the window passes, so one misbehaving agent's reconnect storm cos
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections import Counter, deque
@@ -184,10 +185,17 @@ class TelemetryHub:
         self._streams += 1
         try:
             if self.config.max_streams and self._streams > self.config.max_streams:
+                await self._drain_hello(messages)
                 raise Rejected(RejectReason.OVERLOADED, f"hub at its limit of {self.config.max_streams} streams")
             identity = await self._authenticate(context)
             key = identity.node or identity.user
-            self._check_quarantine(key)
+            if self._quarantined(key):
+                await self._drain_hello(messages)
+                raise Rejected(
+                    RejectReason.QUARANTINED,
+                    f"{self.config.reject_budget} rejected streams from {key!r} in "
+                    f"{self.config.reject_window_s:.0f} s; back off",
+                )
             hello = await self._read_hello(messages, identity)
             session = self._open_session(hello, identity)
             await context.write(self._welcome(hello, self.nodes[hello.node_name].last_seq))
@@ -208,20 +216,25 @@ class TelemetryHub:
             if session is not None:
                 self._close_session(session)
 
-    def _check_quarantine(self, key: str) -> None:
+    def _quarantined(self, key: str) -> bool:
         recent = self._recent_rejects.get(key)
         if not recent:
-            return
+            return False
         horizon = self._clock() - self.config.reject_window_s
         while recent and recent[0] < horizon:
             recent.popleft()
         if not recent:
             del self._recent_rejects[key]
-        elif len(recent) >= self.config.reject_budget:
-            raise Rejected(
-                RejectReason.QUARANTINED,
-                f"{len(recent)} rejected streams from {key!r} in {self.config.reject_window_s:.0f} s; back off",
-            )
+            return False
+        return len(recent) >= self.config.reject_budget
+
+    @staticmethod
+    async def _drain_hello(messages: AsyncIterator[bytes]) -> None:
+        """Read (unparsed) the hello before refusing: an agent still writing it would otherwise see its
+        failed write (a client-side INTERNAL) instead of our status. Bounded, so a silent client cannot
+        hold the refusal open."""
+        with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError, StopAsyncIteration):
+            await asyncio.wait_for(anext(messages), 1.0)
 
     async def _authenticate(self, context: grpc.aio.ServicerContext[bytes, bytes]) -> Identity:
         token = bearer_token(context.invocation_metadata())
