@@ -43,6 +43,7 @@ FINALIZER = "wattplane.io/cleanup"
 MANAGED_SELECTOR = f"{r.MANAGED_BY}={r.MANAGED_BY_VALUE}"
 MD = "md:"
 POOL = "pool:"
+FLEET = "fleet:"  # "re-plan now": fans out to every deployment the fresh plan gives work
 POOL_STATUS_DELAY_S = 1.0
 REPLAN_INTERVAL_S = 1.0
 
@@ -274,7 +275,8 @@ class Controller:
         Re-planning on every owned-object event would serialise all workers behind the planner during
         a rollout, so a plan is reused for up to ``REPLAN_INTERVAL_S`` while only workload objects
         changed; a change of intent (a spec, pool, node or the FleetPolicy) always re-plans. A caller
-        given a stale plan looks again once the interval is over, so nothing is left unplanned.
+        given a stale plan schedules one re-plan (key ``fleet:``) for when the interval is over; the
+        fresh plan enqueues every deployment it gives work, so nothing is left unplanned.
         """
         with self._plan_lock:
             gen, spec_gen, now = self._gen, self._spec_gen, time.monotonic()
@@ -336,6 +338,9 @@ class Controller:
         """Returns a delay after which to look again, or None."""
         if key.startswith(POOL):
             self.reconcile_pool(key[len(POOL):])
+            return None
+        if key == FLEET:
+            self.fleet()
             return None
         return self.reconcile_deployment(key[len(MD):])
 
@@ -413,9 +418,9 @@ class Controller:
                                    decision, iso_now(wall), effects_of(plans, key, nodes, md.status))
         changes = "; ".join(str(c) for c in result.changes)
         self._write_status(obj, md, status, problem, decision, dry, changes)
-        if result.limited:
-            return 2.0
-        return stale_s + 0.05 if stale_s else None
+        if stale_s:  # one deferred re-plan for everybody, not one requeue per deployment
+            self.queue.add_after(FLEET, stale_s + 0.05)
+        return 2.0 if result.limited else None
 
     def _problem(self, md: api.ModelDeployment, key: str, built: Built, plans: list[Plan]) -> Problem | None:
         ns = md.metadata["namespace"]
