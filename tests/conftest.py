@@ -18,7 +18,7 @@ from wattplane.testcluster import TestCluster
 
 @pytest.fixture(scope="session")
 def test_cluster() -> Iterator[TestCluster]:
-    cluster = TestCluster.start()
+    cluster = TestCluster.start(die_with_parent=True)
     try:
         yield cluster
     finally:

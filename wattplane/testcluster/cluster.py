@@ -59,6 +59,15 @@ def find_binaries(build: bool = True) -> Path:
     return path
 
 
+def _kill_me_with_parent() -> None:
+    """In the child before exec: SIGKILL when the parent dies (Linux PR_SET_PDEATHSIG), so a
+    segfaulted or killed test process leaves no control plane behind."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -78,6 +87,7 @@ class TestCluster:
     pids: dict[str, int] = field(default_factory=dict)
     etcd_dir: Path | None = None
     owns_state_dir: bool = True
+    die_with_parent: bool = False  # tests: a crashed or killed test run takes its cluster with it
 
     # -- paths ---------------------------------------------------------------------------
     @property
@@ -109,6 +119,7 @@ class TestCluster:
         state_dir: Path | None = None,
         timeout_s: float = 180.0,
         extra_apiserver_args: Iterable[str] = (),
+        die_with_parent: bool = False,
     ) -> TestCluster:
         bin_dir = bin_dir or find_binaries()
         owns = state_dir is None
@@ -117,7 +128,8 @@ class TestCluster:
         shm = Path("/dev/shm")
         etcd_dir = Path(tempfile.mkdtemp(prefix="wattplane-etcd-", dir=shm if shm.is_dir() else None))
         ports = {k: free_port() for k in ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok")}
-        cluster = cls(state, bin_dir, ports, secrets.token_hex(16), etcd_dir=etcd_dir, owns_state_dir=owns)
+        cluster = cls(state, bin_dir, ports, secrets.token_hex(16), etcd_dir=etcd_dir, owns_state_dir=owns,
+                      die_with_parent=die_with_parent)
         try:
             cluster._start_all(timeout_s, list(extra_apiserver_args))
         except BaseException:
@@ -190,10 +202,9 @@ class TestCluster:
         self._spawn(
             "kube-scheduler",
             [
-                f"--kubeconfig={kc}",
+                f"--config={self._scheduler_config()}",
                 f"--authentication-kubeconfig={kc}",
                 f"--authorization-kubeconfig={kc}",
-                "--leader-elect=false",
                 "--bind-address=127.0.0.1",
                 f"--secure-port={self.ports['scheduler']}",
             ],
@@ -221,6 +232,21 @@ class TestCluster:
             "apiVersion: config.kwok.x-k8s.io/v1alpha1\nkind: KwokConfiguration\noptions:\n"
             "  enableCNI: false\n  nodeLeaseParallelism: 16\n  podPlayStageParallelism: 16\n"
             "  nodePlayStageParallelism: 16\n"
+        )
+        return path
+
+    def _scheduler_config(self) -> Path:
+        """Bin-packing on GPUs (NodeResourcesFit MostAllocated), as GPU clusters configure it, so a
+        pod re-created after an eviction lands on the fuller node and whole nodes stay free."""
+        path = self.state_dir / "scheduler.yaml"
+        path.write_text(
+            "apiVersion: kubescheduler.config.k8s.io/v1\nkind: KubeSchedulerConfiguration\n"
+            f"clientConnection:\n  kubeconfig: {self.kubeconfig}\n"
+            "leaderElection:\n  leaderElect: false\n"
+            "profiles:\n- schedulerName: default-scheduler\n  pluginConfig:\n  - name: NodeResourcesFit\n"
+            "    args:\n      scoringStrategy:\n        type: MostAllocated\n        resources:\n"
+            f"        - {{name: {GPU_RESOURCE}, weight: 5}}\n        - {{name: cpu, weight: 1}}\n"
+            "        - {name: memory, weight: 1}\n"
         )
         return path
 
@@ -289,6 +315,7 @@ class TestCluster:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # own process group: stop() kills it whole, Ctrl-C of a test doesn't
                 cwd=self.state_dir,
+                preexec_fn=_kill_me_with_parent if self.die_with_parent else None,
             )
         self.pids[name] = proc.pid
 
