@@ -97,6 +97,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resync", type=float, default=None, help="seconds between full resyncs "
                         "(default: the FleetPolicy's reconcilePeriodS)")
     parser.add_argument("--dry-run", action="store_true", help="plan and report, never write workloads")
+    parser.add_argument("--router-url", default=None,
+                        help="the Ray Serve router's base URL: routing tables are pushed there (default: not pushed)")
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -109,8 +111,13 @@ def run(args: argparse.Namespace) -> int:
     if args.grpc_port is not None:
         hub = HubRunner.start(kube, args.grpc_host, args.grpc_port, args.tls_dir)
         sys.stdout.write(f"telemetry hub on {args.grpc_host}:{hub.port}\n")
+    router = None
+    if args.router_url:
+        from controller.dataplane.client import HttpRouterPort
+
+        router = HttpRouterPort(args.router_url)
     controller = Controller(kube, metrics, workers=args.workers, resync_s=args.resync, dry_run=args.dry_run,
-                            identity=args.identity, agents=hub.agents if hub else None,
+                            identity=args.identity, agents=hub.agents if hub else None, router=router,
                             telemetry=hub.telemetry if hub else None)
     elector = LeaderElector(kube, args.lease_namespace, args.lease_name, args.identity,
                             lease_duration_s=args.lease_duration, renew_deadline_s=args.renew_deadline,
