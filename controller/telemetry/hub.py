@@ -444,6 +444,8 @@ class TelemetryHub:
         self.commands = {
             cid: r for cid, r in self.commands.items() if not (r.node in gone and r.state is CommandState.DONE)
         }
+        horizon = now - self.config.reject_window_s  # rejection history of identities quiet for a window
+        self._recent_rejects = {k: q for k, q in self._recent_rejects.items() if q and q[-1] >= horizon}
         return sorted(gone)
 
     def connected_agents(self) -> int:
