@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
 from kubernetes import client
 
+from tests.controller.cluster_helpers import wait_for as _wait
 from wattplane.testcluster import GPU_RESOURCE, POOL_LABEL, TestCluster
 
 pytestmark = pytest.mark.cluster
@@ -32,16 +32,6 @@ def _gpu_deployment(name: str, pool: str, gpus: int, replicas: int) -> client.V1
         ),
     )
 
-
-def _wait(predicate, timeout_s: float = 60.0, interval: float = 0.3):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s}s")
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="module")

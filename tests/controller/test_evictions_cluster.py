@@ -18,6 +18,7 @@ from controller.executor.evictions import MigrationLimits, MigrationOutcome, app
 from policies.plan import MigratePod
 from policies.rescheduling import RescheduleConfig, RescheduleState, plan_reschedule
 from policies.snapshot import Node, Pod, PodDisruptionBudget, Snapshot
+from tests.controller.cluster_helpers import wait_for as _wait
 from wattplane.testcluster import GPU_RESOURCE, POOL_LABEL, TestCluster
 
 pytestmark = pytest.mark.cluster
@@ -42,16 +43,6 @@ def _deployment(name: str, pool: str, gpus: int) -> client.V1Deployment:
         ),
     )
 
-
-def _wait(predicate, timeout_s: float = 60.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not met within {timeout_s}s")
-        time.sleep(0.3)
 
 
 def _snapshot(api: client.ApiClient, ns: str, nodes: list[str]) -> Snapshot:

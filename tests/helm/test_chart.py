@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 from kubernetes import client
 
+from tests.controller.cluster_helpers import wait_for as _wait
 from wattplane.testcluster import POOL_LABEL, TestCluster
 
 pytestmark = pytest.mark.cluster
@@ -24,16 +24,6 @@ def helm(cluster: TestCluster, *args: str, check: bool = True) -> subprocess.Com
         raise AssertionError(f"helm {' '.join(args)} failed: {proc.stderr}")
     return proc
 
-
-def _wait(predicate, timeout_s: float = 90.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not met within {timeout_s}s")
-        time.sleep(0.5)
 
 
 def test_lint(test_cluster: TestCluster) -> None:
