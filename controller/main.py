@@ -26,6 +26,7 @@ from controller.reconciler.leader import LeaderElector
 from policies.snapshot import GPUTelemetry, ServingTelemetry
 
 log = logging.getLogger("wattplane.controller")
+AGENT_TOKEN_AUDIENCE = "wattplane"
 
 
 class HubRunner:
@@ -43,13 +44,17 @@ class HubRunner:
         self.agents = HubAgentPort(hub, loop)
 
     @classmethod
-    def start(cls, kube: Kube, host: str, port: int, tls_dir: Path | None, authenticator: Any = None) -> HubRunner:
+    def start(cls, kube: Kube, host: str, port: int, tls_dir: Path | None, authenticator: Any = None,
+              max_streams: int = 0) -> HubRunner:
         from kubernetes import client
 
         from controller.telemetry import TelemetryHub, TokenReviewAuthenticator, start_server
+        from controller.telemetry.hub import HubConfig
 
-        auth = authenticator or TokenReviewAuthenticator(api=client.AuthenticationV1Api(kube.api))
-        hub = TelemetryHub(auth)
+        # Agents present projected tokens minted for the audience "wattplane" (the chart's DaemonSet).
+        auth = authenticator or TokenReviewAuthenticator(api=client.AuthenticationV1Api(kube.api),
+                                                         audiences=(AGENT_TOKEN_AUDIENCE,))
+        hub = TelemetryHub(auth, HubConfig(max_streams=max_streams))
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name="telemetry-hub", daemon=True)
         thread.start()
@@ -85,6 +90,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="serve the telemetry hub for node agents on this port (default: no hub)")
     parser.add_argument("--grpc-host", default="0.0.0.0")
     parser.add_argument("--tls-dir", type=Path, default=None, help="tls.crt and tls.key for the hub (a Secret)")
+    parser.add_argument("--hub-max-streams", type=int, default=0,
+                        help="agent streams the hub admits at once; beyond it RESOURCE_EXHAUSTED (0: no limit)")
     parser.add_argument("--workers", type=int, default=4, help="reconcile workers (passes are I/O-bound)")
     parser.add_argument("--metrics-host", default="127.0.0.1")
     parser.add_argument("--metrics-port", type=int, default=8080, help="0 picks a free port (printed)")
@@ -109,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = Metrics()
     hub = None
     if args.grpc_port is not None:
-        hub = HubRunner.start(kube, args.grpc_host, args.grpc_port, args.tls_dir)
+        hub = HubRunner.start(kube, args.grpc_host, args.grpc_port, args.tls_dir, max_streams=args.hub_max_streams)
         sys.stdout.write(f"telemetry hub on {args.grpc_host}:{hub.port}\n")
     router = None
     if args.router_url:
