@@ -32,7 +32,7 @@ from controller.reconciler.queue import ShutDown, WorkQueue
 from controller.reconciler.status import Problem, deployment_status, effects_of, pool_status, wire
 from controller.snapshot_builder import Built, build_snapshot
 from policies.pipeline import PipelineState
-from policies.plan import Plan, PolicyName, SetReplicas
+from policies.plan import MigratePod, Plan, PolicyName, SetReplicas
 from policies.snapshot import GPUTelemetry, ServingTelemetry
 
 log = logging.getLogger(__name__)
@@ -311,6 +311,7 @@ class Controller:
                 if plan.id not in self._applied_node_plans:
                     for done in self.executor.apply_node_actions(plan, dry_run=dry):
                         log.info("%s%s", "dry-run: " if dry else "", done)
+                    self._start_migrations(plan, spec.disruption, dry)
             self._applied_node_plans = {p.id for p in plans}
             if fleet.metadata.get("resourceVersion") and now - self._state_saved >= spec.reconcile_period_s:
                 self._save_state(outcome.state)
@@ -323,6 +324,26 @@ class Controller:
                         self.queue.add(MD + action.deployment)
             self._memo = (spec_gen, gen, now, built, plans)
             return built, plans, owned, 0.0
+
+    def _start_migrations(self, plan: Plan, limits: Any, dry_run: bool) -> None:
+        """Evict the rescheduler's moves (Eviction API, PDBs honoured, MNL and concurrency from the
+        FleetPolicy) on a thread of their own: waiting for evicted pods to terminate must not hold
+        the planner's lock."""
+        moves = [a for a in plan.actions if isinstance(a, MigratePod)]
+        if not moves:
+            return
+        from kubernetes import client as k8s
+
+        from controller.executor.evictions import MigrationLimits, apply_migrations
+
+        def run() -> None:
+            report = apply_migrations(k8s.CoreV1Api(self.kube.api), moves,
+                                      MigrationLimits(limits.max_migrations_per_cycle, max(limits.max_concurrent, 1)),
+                                      dry_run=dry_run)
+            for pod, outcome in report.outcomes.items():
+                log.info("migration %s: %s %s", pod, outcome.value, report.messages.get(pod, ""))
+
+        threading.Thread(target=run, name=f"migrations-{plan.id}", daemon=True).start()
 
     def _save_state(self, state: PipelineState) -> None:
         """Persist the pipeline State (and who leads) in the FleetPolicy status; best effort."""
