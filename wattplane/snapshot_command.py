@@ -29,6 +29,7 @@ def live_snapshot(kube: Any, now: float) -> Any:
     owned: dict[str, list[dict[str, Any]]] = {}
     for kind in ("Deployment", "Pod"):
         for obj in kube.list(kind, labelSelector="app.kubernetes.io/managed-by=wattplane")["items"]:
+            obj.setdefault("kind", kind)  # list responses omit each item's kind; the builder reads it
             owner = _owner(obj)
             if owner is not None:
                 owned.setdefault(owner, []).append(obj)

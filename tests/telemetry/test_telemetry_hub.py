@@ -173,6 +173,7 @@ def test_stale_nodes_are_marked_and_left_out_of_the_snapshot() -> None:
         server, port = await start_server(hub)
         async with Running(make_agent("a", port), make_agent("b", port)):
             await until(lambda: {"a", "b"} <= set(hub.nodes) and all(s.reports for s in hub.nodes.values()))
+        await until(lambda: hub.connected_agents() == 0)  # the hub has seen both streams end (slow when loaded)
         assert hub.stale_nodes() == []
         now[0] += 10.0  # both stopped reporting 10 s ago
         assert hub.stale_nodes() == ["a", "b"]

@@ -26,7 +26,18 @@ def test_live_snapshot_round_trips_into_a_plan(test_cluster: TestCluster, tmp_pa
     kube.create("AcceleratorPool", pool_body(pool, 8))
     test_cluster.add_gpu_nodes(pool, 2, gpus=8)
     ns = test_cluster.create_namespace(f"snap-{suffix}")
-    kube.create("ModelDeployment", md_body("m", ns, pool, min_replicas=2), ns)
+    md = kube.create("ModelDeployment", md_body("m", ns, pool, min_replicas=2), ns)
+    # a workload the controller would own, so the snapshot carries current replicas
+    labels = {"app.kubernetes.io/managed-by": "wattplane", "app": "m"}
+    kube.create("Deployment", {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": f"m-{pool}", "namespace": ns, "labels": labels, "ownerReferences": [{
+            "apiVersion": "wattplane.io/v1alpha1", "kind": "ModelDeployment", "name": "m",
+            "uid": md["metadata"]["uid"]}]},
+        "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "m"}},
+                 "template": {"metadata": {"labels": labels},
+                              "spec": {"containers": [{"name": "e", "image": "registry.invalid/e:1"}]}}},
+    }, ns)
     out = tmp_path / "snap.json"
     proc = subprocess.run([sys.executable, "-m", "wattplane", "snapshot", "--kubeconfig", str(test_cluster.kubeconfig),
                            "--out", str(out)], capture_output=True, text=True, timeout=120)
