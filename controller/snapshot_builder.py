@@ -28,6 +28,24 @@ class Built:
     invalid: dict[str, str] = field(default_factory=dict)  # key -> why it was left out
 
 
+def owner_key(obj: Mapping[str, Any]) -> str | None:
+    """``ns/name`` of the ModelDeployment that owns a workload object, if one does."""
+    for ref in obj["metadata"].get("ownerReferences") or []:
+        if ref.get("kind") == "ModelDeployment":
+            return convert.deployment_key(obj["metadata"]["namespace"], ref["name"])
+    return None
+
+
+def group_by_owner(objects: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The ``owned`` argument of :func:`build_snapshot`: workload objects keyed by their owner."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for obj in objects:
+        owner = owner_key(obj)
+        if owner is not None:
+            out.setdefault(owner, []).append(obj)
+    return out
+
+
 def _err(exc: ValidationError) -> str:
     return dom.format_validation_error(exc)
 

@@ -213,11 +213,6 @@ class ReplicaSet(Frozen):
     ready: NonNegInt = 0
 
 
-class PodPhase(StrEnum):
-    PENDING = "Pending"
-    RUNNING = "Running"
-
-
 class Pod(Frozen):
     """A running or pending workload unit, for rescheduling (pods or VMs).
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from policies.snapshot import AcceleratorSpec, Node, Pod, PodPhase, Pool, Snapshot
+from policies.snapshot import AcceleratorSpec, Node, Pod, Pool, Snapshot
 
 ENV_VAR = "WATTPLANE_DATA"
 
@@ -217,7 +217,7 @@ def _csv_rows(path: str | os.PathLike[str], required: tuple[str, ...]) -> Iterat
 
 
 __all__ = [
-    "ENV_VAR", "MissingDataError", "PodPhase", "Request", "TracePod", "alibaba_accelerator", "alibaba_snapshot",
+    "ENV_VAR", "MissingDataError", "Request", "TracePod", "alibaba_accelerator", "alibaba_snapshot",
     "data_file", "default_data_dir", "load_alibaba_nodes", "load_alibaba_pods", "load_azure_trace", "pending",
     "resolve_data_dir",
 ]

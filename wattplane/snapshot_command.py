@@ -23,16 +23,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def live_snapshot(kube: Any, now: float) -> Any:
-    from controller.reconciler.controller import _owner
-    from controller.snapshot_builder import build_snapshot
+    from controller.snapshot_builder import build_snapshot, group_by_owner
 
-    owned: dict[str, list[dict[str, Any]]] = {}
+    workloads = []
     for kind in ("Deployment", "Pod"):
         for obj in kube.list(kind, labelSelector="app.kubernetes.io/managed-by=wattplane")["items"]:
             obj.setdefault("kind", kind)  # list responses omit each item's kind; the builder reads it
-            owner = _owner(obj)
-            if owner is not None:
-                owned.setdefault(owner, []).append(obj)
+            workloads.append(obj)
+    owned = group_by_owner(workloads)
     return build_snapshot(
         pools=kube.list("AcceleratorPool")["items"],
         power_domains=kube.list("PowerDomain")["items"],

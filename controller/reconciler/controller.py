@@ -30,7 +30,7 @@ from controller.pipeline import run_pipeline, shortfall
 from controller.reconciler.informer import Informer
 from controller.reconciler.queue import ShutDown, WorkQueue
 from controller.reconciler.status import Problem, deployment_status, effects_of, pool_status, wire
-from controller.snapshot_builder import Built, build_snapshot
+from controller.snapshot_builder import Built, build_snapshot, group_by_owner, owner_key
 from policies.pipeline import PipelineState
 from policies.plan import MigratePod, Plan, PolicyName, SetReplicas
 from policies.snapshot import GPUTelemetry, ServingTelemetry
@@ -77,13 +77,6 @@ def restore_state(fleet: api.FleetPolicy) -> PipelineState:
     except ValidationError:
         log.warning("saved pipeline state does not validate; starting fresh")
         return PipelineState()
-
-
-def _owner(obj: Mapping[str, Any]) -> str | None:
-    for ref in obj["metadata"].get("ownerReferences") or []:
-        if ref.get("kind") == "ModelDeployment":
-            return convert.deployment_key(obj["metadata"]["namespace"], ref["name"])
-    return None
 
 
 class Controller:
@@ -171,7 +164,7 @@ class Controller:
         assert obj is not None
         if new is None or old is None or _plan_input(new) != _plan_input(old):
             self._bump(spec=False)  # readiness alone changes status, not the plan: no need to re-plan
-        owner = _owner(obj)
+        owner = owner_key(obj)
         if owner is None:
             name = (obj["metadata"].get("labels") or {}).get(r.L_DEPLOYMENT)
             if name:
@@ -261,13 +254,7 @@ class Controller:
 
     # -- passive sync: caches -> snapshot -> plans (memoised per cache generation) --------------------
     def owned_by(self) -> dict[str, list[dict[str, Any]]]:
-        out: dict[str, list[dict[str, Any]]] = {}
-        for kind in ("Deployment", "Pod"):
-            for obj in self.informers[kind].items():
-                owner = _owner(obj)
-                if owner is not None:
-                    out.setdefault(owner, []).append(obj)
-        return out
+        return group_by_owner([*self.informers["Deployment"].items(), *self.informers["Pod"].items()])
 
     def fleet(self) -> tuple[Built, list[Plan], dict[str, list[dict[str, Any]]], float]:
         """Snapshot and plans for the current caches, plus how stale they may be (seconds, 0 if fresh).

@@ -115,11 +115,8 @@ def test_pending_8_gpu_replica_runs_after_the_planned_eviction(test_cluster: Tes
     ns, nodes, api = _fragmented_pool(test_cluster)
     core = client.CoreV1Api(api)
     moves = _plan(api, ns, nodes)
-    drained: list[str] = []
-    report = apply_migrations(core, moves, MigrationLimits(max_migrations=MNL, max_concurrent=1),
-                              drain=lambda a: drained.append(a.pod))
+    report = apply_migrations(core, moves, MigrationLimits(max_migrations=MNL, max_concurrent=1))
     assert report.evicted == len(moves) <= MNL, report
-    assert drained == [] or drained == [m.pod for m in moves]
     big = _wait(lambda: [p for p in core.list_namespaced_pod(ns, label_selector="app=big").items
                          if p.status.phase == "Running"], timeout_s=90)
     _wait(lambda: len([p for p in core.list_namespaced_pod(ns).items
