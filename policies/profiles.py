@@ -50,6 +50,7 @@ from collections.abc import Iterable, Mapping
 
 from pydantic import Field
 
+from policies.power_model import PROMPT_POWER_FRACTION, phase_speed
 from policies.snapshot import AcceleratorSpec, Frozen, ModelDeployment, NonNegFloat, PosFloat, PosInt
 
 TP_EXPONENT = 0.9
@@ -64,6 +65,10 @@ GIB_TO_GB = 1.073741824
 CALIBRATION_TPOT_P99_MS = 100.0  # built-in rows: best throughput whose p99 ITL stays under this
 TYPICAL_PROMPT_TOKENS = 1024  # TTFT estimate: a prompt of this size prefilling alone (Azure conv median ~1k)
 SPLITWISE_CAP_FRACTION = 0.7  # the cap level assumed for Splitwise's h100-80gb-pcap rows
+# Token-phase draw at a profile's operating point, x TDP: ML.ENERGY v3 Llama-3.1-70B H100 x4 at
+# max_num_seqs 64 (the built-in row below) averages 2001.5 W over 4 GPUs = 500 W = 0.715 TDP. A cap
+# above it leaves decode at full speed (Splitwise's pcap token time x1.00), a deeper one slows it.
+DECODE_POWER_FRACTION = 2001.5 / 4 / 700.0
 # The latency model placement plans with and the simulator serves with (one model, so a plan that
 # is SLO-feasible here is SLO-feasible there):
 #   TTFT p99 = ttft_ms * (1 + TTFT_P99_WAIT_FACTOR * u / (1 - u) / sqrt(n))   (M/M/1 p99 wait, n-replica pooling)
@@ -200,20 +205,20 @@ DEFAULT_PROFILES: tuple[Profile, ...] = (
 )
 
 
-def cap_throughput_factor(cap_fraction: float) -> tuple[float, float]:
+def cap_throughput_factor(
+    cap_fraction: float, decode_power_fraction: float = DECODE_POWER_FRACTION
+) -> tuple[float, float]:
     """(decode, prefill) throughput multipliers for a GPU capped at ``cap_fraction`` of its TDP.
 
-    Splitwise's power-capped H100 rows (``h100-80gb-pcap``, cap assumed at 70% of TDP) keep the
-    token time of the uncapped H100 exactly (decode is memory-bound) and stretch the prompt time by
-    1.30 (llama2-70b TP4, 2048 tokens: 261 vs 201 ms). We model::
-
-        decode  = min(1, cap / 0.7)
-        prefill = min(1, cap / 0.9)      (0.7 / 0.9 = 0.78 ~ 1 / 1.30)
-
-    i.e. clocks (and so throughput) fall in proportion below the knee.
+    One curve for the whole code base: each phase runs at
+    :func:`policies.power_model.phase_speed` of (what it wants to draw, the cap), the curve the
+    power policy and the simulator use. The prompt phase wants ~TDP (``PROMPT_POWER_FRACTION``),
+    so a 70% cap stretches prompt time by 1.30, as in Splitwise's ``h100-80gb-pcap`` rows; the
+    token phase wants ``decode_power_fraction`` of TDP (default: the profile's own operating
+    point, :data:`DECODE_POWER_FRACTION`) and slows only when the cap is below that.
     """
     c = max(cap_fraction, 0.0)
-    return min(1.0, c / SPLITWISE_CAP_FRACTION), min(1.0, c / 0.9)
+    return phase_speed(decode_power_fraction, c), phase_speed(PROMPT_POWER_FRACTION, c)
 
 
 def weights_fit(params_b: float, devices: int, accelerator: AcceleratorSpec, bytes_per_param: float = 2.0) -> bool:
@@ -356,6 +361,6 @@ def default_table() -> ProfileTable:
 
 
 __all__ = [
-    "DEFAULT_PROFILES", "REFERENCE_GPUS", "Profile", "ProfileTable", "canonical_gpu",
+    "DECODE_POWER_FRACTION", "DEFAULT_PROFILES", "REFERENCE_GPUS", "Profile", "ProfileTable", "canonical_gpu",
     "canonical_model", "cap_throughput_factor", "default_table", "estimate", "weights_fit",
 ]

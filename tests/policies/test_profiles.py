@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from policies.profiles import (
+    DECODE_POWER_FRACTION,
     DEFAULT_PROFILES,
     REFERENCE_GPUS,
     Profile,
@@ -133,10 +134,25 @@ def test_for_deployment_checks_memory() -> None:
 def test_cap_factor() -> None:
     assert cap_throughput_factor(1.0) == (1.0, 1.0)
     dec, pre = cap_throughput_factor(0.7)
-    assert dec == pytest.approx(1.0)
+    assert dec > 0.98  # decode is memory-bound: Splitwise's pcap token time x1.00
     assert pre == pytest.approx(1 / 1.30, rel=0.02)  # Splitwise h100-80gb-pcap prompt time x1.30
     d5, p5 = cap_throughput_factor(0.5)
-    assert d5 < 1.0 and p5 < pre
+    assert d5 < dec and p5 < pre
+    # a lighter token phase (less power wanted) keeps full speed under a deeper cap
+    assert cap_throughput_factor(0.5, decode_power_fraction=0.45)[0] == 1.0
+
+
+@pytest.mark.parametrize("cap", [0.3, 0.45, 0.6, 0.7, 0.85, 1.0])
+def test_cap_factor_is_the_power_models_curve(cap: float) -> None:
+    """One curve: placement/routing factors equal the power model's throughput at the same cap."""
+    from policies.power_model import phase_power_w, throughput_fraction
+
+    dec, pre = cap_throughput_factor(cap)
+    assert pre == pytest.approx(throughput_fraction(H100, cap * H100.tdp_w, prefill_fraction=1.0))
+    # a token phase drawing what the profile's operating point draws
+    u = next(u / 1000 for u in range(1, 1001)
+             if phase_power_w(H100, 0.0, u / 1000)[1] >= DECODE_POWER_FRACTION * H100.tdp_w)
+    assert dec == pytest.approx(throughput_fraction(H100, cap * H100.tdp_w, 0.0, u), abs=0.01)
 
 
 def test_capacity_mixes_prefill_and_decode() -> None:
