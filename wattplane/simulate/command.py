@@ -13,6 +13,7 @@ from policies.snapshot import BadInputError, Snapshot
 from wattplane.datasets import MissingDataError
 from wattplane.simulate.engine import SimResult, Simulation, progress_bar
 from wattplane.simulate.load import generate_load
+from wattplane.simulate.nodelist import with_node_list
 from wattplane.simulate.report import summary, to_json, write_csv, write_cycles, write_html
 from wattplane.simulate.scenario import Scenario, load_scenario
 
@@ -41,6 +42,7 @@ def simulate(scenario: Scenario, seed: int, compare: str | None = None, base_dir
              data_dir: str | None = None, show_progress: bool = False, dump_dir: Path | None = None
              ) -> list[SimResult]:
     """Run every policy set of the scenario on the same load (same seed, same arrivals)."""
+    scenario = with_node_list(scenario, base_dir, data_dir)
     load = generate_load(scenario, seed, base_dir, data_dir)
     results = []
     for name, config in scenario.policy_sets(compare).items():
@@ -73,6 +75,7 @@ def simulate_on_ray(scenario: Scenario, seed: int, address: str, compare: str | 
     """
     import ray
 
+    scenario = with_node_list(scenario, base_dir, data_dir)
     if not ray.is_initialized():
         if address == "local":
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -108,8 +111,8 @@ def _dumper(folder: Path) -> Callable[[Snapshot], None]:
 def run(args: argparse.Namespace) -> int:
     path = Path(args.scenario)
     try:
-        scenario = load_scenario(path)
-    except BadInputError as exc:
+        scenario = with_node_list(load_scenario(path), path.parent, args.data_dir)
+    except (BadInputError, MissingDataError) as exc:
         sys.stderr.write(f"wattplane simulate: {exc}\n")
         return 2
     if args.duration is not None:

@@ -199,6 +199,27 @@ class PoliciesSpec(Strict):
         })
 
 
+class NodeListSpec(Strict):
+    """A real node list as the fleet: an Alibaba ``openb_node_list_*.csv`` (read in place, never copied).
+
+    Its GPU nodes become pools, one per GPU model, named after the model in lower case (``g3``,
+    ``t4``); a model whose nodes come in several sizes gets one pool per size (``v100m16-4gpu``), since
+    a pool's nodes have one shape. CPU-only nodes are left out. Resolved by
+    :func:`wattplane.simulate.nodelist.with_node_list` before a run.
+    """
+
+    path: str  # absolute, beside the scenario file, or ``data:alibaba-gpu-2023/...`` under --data-dir
+    models: tuple[str, ...] = ()  # keep only these GPU models (empty: all)
+    max_nodes_per_pool: int | None = Field(default=None, gt=0)  # first N nodes of each pool, in file order
+    cost_per_device_hour: dict[str, float] = Field(default_factory=dict)  # by model; key "default" for the rest
+    power_domain: str | None = None  # every generated pool in this domain
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"path": data} if isinstance(data, str) else data
+
+
 class FaultSpec(Strict):
     at_s: float = Field(ge=0)
     node: str
@@ -213,7 +234,8 @@ class Scenario(Strict):
     control_period_s: float = Field(default=30.0, gt=0)
     replica_startup_s: float = Field(default=60.0, ge=0)
     seed: int = 0
-    pools: tuple[PoolSpec, ...] = Field(min_length=1)
+    pools: tuple[PoolSpec, ...] = ()
+    nodes: NodeListSpec | None = None  # a real node list whose GPU models become pools (with or instead of pools)
     power_domains: tuple[PowerDomainSpec, ...] = ()
     deployments: tuple[DeploymentSpec, ...] = Field(min_length=1)
     load: LoadSpec
@@ -224,12 +246,33 @@ class Scenario(Strict):
     faults: tuple[FaultSpec, ...] = ()
     agent_guard: bool = True  # emulate the node agents' local power guard when a power stage runs
 
+    @model_validator(mode="before")
+    @classmethod
+    def _pods_shorthand(cls, data: Any) -> Any:
+        """``pods: FILE`` is short for ``background: {pods_csv: FILE}`` (the Alibaba pod list)."""
+        if not isinstance(data, dict) or "pods" not in data:
+            return data
+        data = dict(data)
+        pods = data.pop("pods")
+        background = dict(data.get("background") or {})
+        if background.get("pods_csv") not in (None, pods):
+            raise ValueError("give the pod list once: pods or background.pods_csv")
+        background["pods_csv"] = pods
+        data["background"] = background
+        return data
+
     @model_validator(mode="after")
     def _references(self) -> Scenario:
         pools = {p.name for p in self.pools}
         domains = {d.name for d in self.power_domains}
         deployments = {d.name for d in self.deployments}
         errors = []
+        if not self.pools and self.nodes is None:
+            errors.append("give pools, nodes (a node list file) or both")
+        if self.nodes is not None and self.nodes.power_domain is not None and self.nodes.power_domain not in domains:
+            errors.append(f"nodes: unknown power_domain {self.nodes.power_domain!r}")
+        if self.nodes is not None:
+            pools = _AnyPool(pools)  # pool names come from the file: checked once it is read
         if len(pools) != len(self.pools):
             errors.append("duplicate pool names")
         if len(deployments) != len(self.deployments):
@@ -272,6 +315,13 @@ class Scenario(Strict):
         for name, spec in self.compare.items():
             sets[name] = spec.pipeline()
         return sets
+
+
+class _AnyPool(set[str]):
+    """Pool names not known yet (a node list not read): every name passes until it is."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
 
 
 # -- loading with line-and-field errors ----------------------------------------------------------
@@ -349,7 +399,8 @@ def _line_of(node: yaml.Node | None, loc: list[Any]) -> int:
 
 
 __all__ = [
-    "MODEL_CATALOGUE", "BackgroundPods", "Burst", "DeploymentSpec", "LoadSpec", "MoELoadSpec", "PoliciesSpec",
+    "MODEL_CATALOGUE", "BackgroundPods", "Burst", "DeploymentSpec", "LoadSpec", "MoELoadSpec", "NodeListSpec",
+    "PoliciesSpec",
     "PoolSpec", "PowerDomainSpec", "Scenario", "Stage", "SyntheticLoad", "TraceLoad", "load_scenario",
     "parse_scenario",
 ]
