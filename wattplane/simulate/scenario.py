@@ -37,6 +37,13 @@ from policies.snapshot import (
     PolcaThresholds,
 )
 
+# Sizes a simulation can hold on one machine; beyond them a scenario is refused with a clear error
+# instead of exhausting memory (sweeps bigger than a machine split into scenarios: --ray).
+MAX_NODES_PER_POOL = 100_000
+MAX_GPUS = 1_000_000
+MAX_DURATION_S = 30 * 86400.0
+MAX_STEPS = 10_000_000
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -60,8 +67,8 @@ MODEL_CATALOGUE: dict[str, ModelShape] = {
 class PoolSpec(Strict):
     name: str = Field(min_length=1)
     accelerator: AcceleratorSpec
-    nodes: int = Field(ge=0)
-    gpus_per_node: int = Field(default=8, gt=0)
+    nodes: int = Field(ge=0, le=MAX_NODES_PER_POOL)
+    gpus_per_node: int = Field(default=8, gt=0, le=64)
     cost_per_device_hour: float = Field(ge=0)
     power_domain: str | None = None
 
@@ -122,7 +129,7 @@ class Burst(Strict):
 class SyntheticLoad(Strict):
     """Arrivals and token lengths; defaults are the Azure conversation trace's statistics (load.py)."""
 
-    requests_per_s: float = Field(gt=0)
+    requests_per_s: float = Field(gt=0, le=1_000_000)
     rate_cv: float | None = Field(default=None, ge=0)  # per-minute rate variation
     bursts: tuple[Burst, ...] = ()
     diurnal_amplitude: float = Field(default=0.0, ge=0, lt=1)
@@ -229,8 +236,8 @@ class FaultSpec(Strict):
 class Scenario(Strict):
     name: str = Field(min_length=1)
     description: str = ""
-    duration_s: float = Field(gt=0)
-    step_s: float = Field(default=1.0, gt=0)
+    duration_s: float = Field(gt=0, le=MAX_DURATION_S)
+    step_s: float = Field(default=1.0, ge=0.01)
     control_period_s: float = Field(default=30.0, gt=0)
     replica_startup_s: float = Field(default=60.0, ge=0)
     seed: int = 0
@@ -296,6 +303,11 @@ class Scenario(Strict):
                 if method not in available_methods(s):
                     errors.append(f"policies.{s.value}: unknown method {method!r} "
                                   f"(choose from {', '.join(available_methods(s))})")
+        gpus = sum(p.nodes * p.gpus_per_node for p in self.pools)
+        if gpus > MAX_GPUS:
+            errors.append(f"pools: {gpus:,} GPUs in all; a scenario simulates at most {MAX_GPUS:,}")
+        if self.duration_s / self.step_s > MAX_STEPS:
+            errors.append(f"duration_s / step_s = {self.duration_s / self.step_s:,.0f} steps; at most {MAX_STEPS:,}")
         if errors:
             raise ValueError("; ".join(errors))
         return self
@@ -342,8 +354,12 @@ def parse_scenario(text: str, source: str = "scenario") -> Scenario:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark is not None else source
-        raise BadInputError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+        if mark is not None:
+            line, problem = mark.line + 1, getattr(exc, "problem", exc)
+        else:  # a reader error (a character YAML does not allow) carries a position, not a mark
+            line = text[: getattr(exc, "position", 0)].count("\n") + 1
+            problem = f"character {getattr(exc, 'character', '?')!r} is not allowed ({getattr(exc, 'reason', exc)})"
+        raise BadInputError(f"{source}:{line}: not valid YAML: {problem}") from exc
     if not isinstance(data, dict):
         raise BadInputError(f"{source}:1: a scenario must be a mapping of fields (name, pools, deployments, load)")
     try:
