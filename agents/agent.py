@@ -134,11 +134,12 @@ class Agent:
         replicas = await self.scraper.scrape() if self.scraper else []
         self._seq += 1
         now_ns = time.time_ns()
+        shares = self.scraper.prefill_by_gpu(replicas, [s.index for s in samples]) if self.scraper else {}
         report = pb.NodeReport(
             sent_unix_ns=now_ns,
             sampled_unix_ns=now_ns,
             seq=self._seq,
-            gpus=[_gpu_sample(s) for s in samples],
+            gpus=[_gpu_sample(s, shares.get(s.index)) for s in samples],
             replicas=replicas,
             node_power_w=sum(s.power_w for s in samples),
             guard_active=self.guard.active,
@@ -317,8 +318,11 @@ class Agent:
         )
 
 
-def _gpu_sample(s: DeviceSample) -> pb.GPUSample:
+def _gpu_sample(s: DeviceSample, engine_prefill: float | None = None) -> pb.GPUSample:
+    """The source's own prompt share wins (it sees the device); else the engine metrics' estimate."""
+    prefill = s.prefill_fraction if s.prefill_fraction is not None else engine_prefill
     return pb.GPUSample(
+        prefill_fraction=prefill,
         index=s.index,
         power_w=s.power_w,
         energy_j=s.energy_j,

@@ -7,6 +7,21 @@ target uses the cumulative values. Series of one metric with different labels (p
 finish reason) are summed. Per-expert token counts use our own counter
 ``wattplane_expert_tokens_total{layer, expert}``, which an engine plug-in exports, because no
 engine publishes them in Prometheus form today.
+
+Prompt-phase share (``prefill_fraction``), which the power policy needs to split a GPU's draw into
+prompt bursts (~TDP) and the token phase. Estimator::
+
+    prefill_fraction = min(1, prompt tokens/s over the interval / prefill speed)
+    prefill speed    = request_prompt_tokens_sum / request_prefill_time_seconds_sum   (cumulative)
+
+The numerator is ``vllm:prompt_tokens_total``, counted as prompts are processed, so it follows
+the interval closely; the per-request histograms (``vllm:request_prompt_tokens``,
+``vllm:request_prefill_time_seconds``) are observed when requests finish, too late to time the
+interval, but their long-run ratio is the engine's prompt speed (tokens per second of prefill),
+and both count the same finished requests. Prompts prefilled together in one step each count the
+whole step as their prefill time, so the speed reads low and the share high: an upper bound,
+the safe side for a power budget. Without those histograms (SGLang, older engines) a target's
+configured ``prefill_tokens_per_s`` is used; with neither the share stays unset (unknown).
 """
 
 from __future__ import annotations
@@ -40,6 +55,9 @@ COUNTERS: dict[str, tuple[str, ...]] = {
     ),
     "prompt_tokens": ("vllm:prompt_tokens_total", "sglang:prompt_tokens_total"),
     "generation_tokens": ("vllm:generation_tokens_total", "sglang:generation_tokens_total"),
+    # histogram sums, cumulative like counters: the prefill-speed estimate (module docstring)
+    "request_prompt_tokens": ("vllm:request_prompt_tokens_sum",),
+    "prefill_seconds": ("vllm:request_prefill_time_seconds_sum",),
 }
 HISTOGRAMS: dict[str, tuple[str, ...]] = {
     "ttft": ("vllm:time_to_first_token_seconds", "sglang:time_to_first_token_seconds"),
@@ -58,6 +76,8 @@ class EngineTarget:
     deployment: str
     url: str
     replica: str = ""
+    gpus: tuple[int, ...] = ()  # devices this engine runs on (its prompt share is theirs); empty: all
+    prefill_tokens_per_s: float = 0.0  # prompt speed when the engine does not export prefill timings
 
 
 @dataclass
@@ -152,6 +172,22 @@ class EngineScraper:
                 log.debug("scrape of %s failed: %s", target.url, exc)
         return out
 
+    def prefill_by_gpu(self, replicas: Sequence[pb.ReplicaSample], devices: Sequence[int]) -> dict[int, float]:
+        """Each device's prompt share from the replica running on it (a target's ``gpus``; none: all).
+
+        Every device of a tensor-parallel replica runs the same prompt passes, so they share its
+        estimate; a device claimed by two replicas takes the higher share (the safe side).
+        """
+        by_replica = {r.replica: r.prefill_fraction for r in replicas if r.HasField("prefill_fraction")}
+        out: dict[int, float] = {}
+        for target in self.targets:
+            share = by_replica.get(target.replica or target.url)
+            if share is None:
+                continue
+            for gpu in target.gpus or tuple(devices):
+                out[gpu] = max(out.get(gpu, 0.0), share)
+        return out
+
     def sample(self, target: EngineTarget, text: str) -> pb.ReplicaSample:
         now = self._clock()
         cur = parse_exposition(text)
@@ -169,6 +205,9 @@ class EngineScraper:
             sample.requests_per_s = _rate(cur.counters, prev.counters, "requests", dt)
             sample.input_tokens_per_s = _rate(cur.counters, prev.counters, "prompt_tokens", dt)
             sample.output_tokens_per_s = _rate(cur.counters, prev.counters, "generation_tokens", dt)
+            share = prefill_fraction(sample.input_tokens_per_s, cur.counters, target.prefill_tokens_per_s)
+            if share is not None:
+                sample.prefill_fraction = share
         for key, p50_field, p99_field in (
             ("ttft", "ttft_p50_ms", "ttft_p99_ms"),
             ("tpot", "tpot_p50_ms", "tpot_p99_ms"),
@@ -188,6 +227,17 @@ class EngineScraper:
                     before = prev.experts.get((layer, e), 0.0) if prev else 0.0
                     row.tokens.append(int(max(0.0, now_v - before if now_v >= before else now_v)))
         return sample
+
+
+def prefill_fraction(prompt_tokens_per_s: float, counters: dict[str, float], fallback_speed: float = 0.0
+                     ) -> float | None:
+    """Share of the interval spent in prompt passes (module docstring); None when it cannot be told."""
+    seconds = counters.get("prefill_seconds", 0.0)
+    tokens = counters.get("request_prompt_tokens", 0.0)
+    speed = tokens / seconds if seconds > 0 and tokens > 0 else fallback_speed
+    if speed <= 0 or not math.isfinite(speed):
+        return None
+    return min(1.0, max(0.0, prompt_tokens_per_s / speed))
 
 
 def _rate(cur: dict[str, float], prev: dict[str, float], key: str, dt: float) -> float:

@@ -73,6 +73,15 @@ class HubRunner:
         s = asyncio.run_coroutine_threadsafe(read(), self.loop).result(5)
         return s.gpu_telemetry, s.serving
 
+    def power(self) -> Any:
+        """Per-node draws and cap acknowledgements (``summary.PowerReadings``) for PowerDomain status."""
+        from controller.telemetry.summary import power_readings
+
+        async def read() -> Any:
+            return power_readings(self.hub)  # on the loop thread, like telemetry()
+
+        return asyncio.run_coroutine_threadsafe(read(), self.loop).result(5)
+
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.server.stop(grace=2), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -125,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         router = HttpRouterPort(args.router_url)
     controller = Controller(kube, metrics, workers=args.workers, resync_s=args.resync, dry_run=args.dry_run,
                             identity=args.identity, agents=hub.agents if hub else None, router=router,
-                            telemetry=hub.telemetry if hub else None)
+                            telemetry=hub.telemetry if hub else None, power=hub.power if hub else None)
     elector = LeaderElector(kube, args.lease_namespace, args.lease_name, args.identity,
                             lease_duration_s=args.lease_duration, renew_deadline_s=args.renew_deadline,
                             retry_s=args.retry_period)

@@ -44,6 +44,7 @@ class DeviceSample:
     temperature_c: float
     power_limit_w: float
     clock_limit_mhz: float = 0.0  # 0: clocks not locked
+    prefill_fraction: float | None = None  # share of the interval in prompt passes, when the source knows it
 
 
 class GPUSource(Protocol):

@@ -109,6 +109,7 @@ class SimulatedSource:
                     temperature_c=30.0 + 45.0 * power / self.spec.tdp_w,
                     power_limit_w=self._limits[i],
                     clock_limit_mhz=self._clock_limits[i],
+                    prefill_fraction=min(1.0, max(0.0, prefill)),  # the simulator knows its phase mix
                 )
             )
         self._last_t = now

@@ -67,6 +67,9 @@ class ConditionType(StrEnum):
     DEGRADED = "Degraded"
     POWER_CAPPED = "PowerCapped"
     ROUTED_TO_FALLBACK = "RoutedToFallback"
+    OVER_BUDGET = "OverBudget"  # PowerDomain: the latest draw exceeds the budget
+    CAPPING = "Capping"  # PowerDomain: caps in force or on their way to the agents
+    REPORTING = "Reporting"  # PowerDomain: every node of the domain reports fresh telemetry
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,7 +186,30 @@ class PowerDomainSpec(ApiModel):
     thresholds: PolcaThresholds | None = None
 
 
+class PowerPlanSummary(ApiModel):
+    """The last power plan that covered this domain, as the policy explained it."""
+
+    plan_id: str = ""
+    reason: str = ""
+    summary: str = ""
+    objective: float | None = None
+    bound: float | None = None
+    solver_status: str = ""
+    solve_ms: NonNegFloat = 0.0
+    fallback: str | None = None
+    cap_changes: NonNegInt = 0  # SetPowerCap actions for this domain's GPUs in that plan
+    time: str | None = None  # when this controller first saw the plan
+
+
 class PowerDomainStatus(ApiModel):
+    """Observed facts (the telemetry hub's reports and the agents' command results), rewritten each pass.
+
+    Draw percentiles cover the last ``drawWindowS`` seconds of per-second domain draw; headroom is
+    the budget minus the latest draw. ``overBudgetSeconds`` is cumulative: each pass adds the
+    seconds after ``overBudgetThrough`` (unix seconds) that drew more than the budget, so a
+    restarted controller continues the count instead of losing or repeating it.
+    """
+
     draw_p50_w: NonNegFloat = Field(0.0, alias="drawP50W")
     draw_p99_w: NonNegFloat = Field(0.0, alias="drawP99W")
     headroom_w: float = Field(0.0, alias="headroomW")
@@ -192,6 +218,16 @@ class PowerDomainStatus(ApiModel):
     nodes: NonNegInt = 0
     observed_generation: int | None = None
     conditions: Annotated[list[Condition], Field(max_length=16)] = []
+    budget_w: NonNegFloat = Field(0.0, alias="budgetW")
+    measured_w: NonNegFloat = Field(0.0, alias="measuredW")  # latest complete second's domain draw
+    draw_window_s: NonNegFloat = Field(0.0, alias="drawWindowS")
+    nodes_reporting: NonNegInt = 0
+    capped_gpus: Annotated[list[str], Field(max_length=1024)] = []  # "node/index" with a cap in force (reports)
+    caps_acknowledged: NonNegInt = 0  # latest cap command per GPU answered APPLIED by its agent
+    caps_pending: NonNegInt = 0  # latest cap command per GPU not answered yet
+    caps_failed: NonNegInt = 0  # latest cap command per GPU refused or failed on the agent
+    over_budget_through: NonNegFloat | None = None
+    last_plan: PowerPlanSummary | None = None
 
 
 class PowerDomain(ApiModel):
@@ -204,6 +240,7 @@ class PowerDomain(ApiModel):
         ("Draw p99 W", "number", ".status.drawP99W"),
         ("Headroom W", "number", ".status.headroomW"),
         ("Caps", "integer", ".status.capsApplied"),
+        ("Over s", "number", ".status.overBudgetSeconds"),
     )
 
     api_version: Literal["wattplane.io/v1alpha1"] = "wattplane.io/v1alpha1"

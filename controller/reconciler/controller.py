@@ -29,8 +29,19 @@ from controller.metrics import Metrics
 from controller.pipeline import run_pipeline, shortfall
 from controller.reconciler.informer import Informer
 from controller.reconciler.queue import ShutDown, WorkQueue
-from controller.reconciler.status import Problem, deployment_status, effects_of, pool_status, wire
+from controller.reconciler.status import (
+    Problem,
+    deployment_status,
+    domain_draws,
+    effects_of,
+    merge_window,
+    pool_status,
+    power_domain_status,
+    power_plan_summary,
+    wire,
+)
 from controller.snapshot_builder import Built, build_snapshot, group_by_owner, owner_key
+from controller.telemetry.summary import PowerReadings
 from policies.pipeline import PipelineState
 from policies.plan import MigratePod, Plan, PolicyName, SetReplicas
 from policies.snapshot import GPUTelemetry, ServingTelemetry
@@ -38,12 +49,15 @@ from policies.snapshot import GPUTelemetry, ServingTelemetry
 log = logging.getLogger(__name__)
 
 TelemetrySource = Callable[[], tuple[Sequence[GPUTelemetry], Sequence[ServingTelemetry]]]
+PowerSource = Callable[[], PowerReadings]
 
 FINALIZER = "wattplane.io/cleanup"
 MANAGED_SELECTOR = f"{r.MANAGED_BY}={r.MANAGED_BY_VALUE}"
 MD = "md:"
 POOL = "pool:"
 FLEET = "fleet:"  # "re-plan now": fans out to every deployment the fresh plan gives work
+PD = "pd:"  # a PowerDomain's status pass; it requeues itself every POWER_STATUS_PERIOD_S
+POWER_STATUS_PERIOD_S = 2.0
 POOL_STATUS_DELAY_S = 1.0
 REPLAN_INTERVAL_S = 1.0
 
@@ -83,9 +97,10 @@ class Controller:
     def __init__(self, kube: Kube, metrics: Metrics | None = None, *, workers: int = 2,
                  resync_s: float | None = None, dry_run: bool = False, identity: str = "wattplane",
                  agents: AgentPort | None = None, router: RouterPort | None = None,
-                 telemetry: TelemetrySource | None = None) -> None:
+                 telemetry: TelemetrySource | None = None, power: PowerSource | None = None) -> None:
         """``agents``/``router`` receive power caps and routing shares (none: those actions are only
-        logged); ``telemetry()`` returns (GPU readings, serving load) for the snapshot when a hub runs."""
+        logged); ``telemetry()`` returns (GPU readings, serving load) for the snapshot when a hub runs;
+        ``power()`` the hub's per-node draws and cap acknowledgements for PowerDomain status."""
         self.kube = kube
         self.metrics = metrics or Metrics()
         self.kube.on_request = lambda verb: self.metrics.api_requests.labels(verb).inc()
@@ -96,6 +111,8 @@ class Controller:
         self.queue = WorkQueue()
         self.executor = Executor(KubeClusterPort(kube), agents, router)
         self.telemetry = telemetry
+        self.power = power
+        self._draw_windows: dict[str, dict[int, float]] = {}  # PowerDomain -> {unix second: domain draw W}
         self._applied_node_plans: set[str] = set()
         self.stop_event = threading.Event()
         self._gen = 0  # bumped by any change the snapshot reads
@@ -134,6 +151,8 @@ class Controller:
             self.queue.add(MD + convert.deployment_key(md["metadata"]["namespace"], md["metadata"]["name"]))
         for pool in self.informers["AcceleratorPool"].items():
             self.queue.add(POOL + pool["metadata"]["name"])
+        for pd in self.informers["PowerDomain"].items():
+            self.queue.add(PD + pd["metadata"]["name"])
 
     def _on_fleet_object(self, kind: str, new: dict[str, Any] | None, old: dict[str, Any] | None) -> None:
         if new is not None and old is not None and new["metadata"].get("generation") == old["metadata"].get(
@@ -350,7 +369,39 @@ class Controller:
         if key == FLEET:
             self.fleet()
             return None
+        if key.startswith(PD):
+            return self.reconcile_power_domain(key[len(PD):])
         return self.reconcile_deployment(key[len(MD):])
+
+    def reconcile_power_domain(self, name: str) -> float | None:
+        """Write the domain's status from observed facts, then look again in POWER_STATUS_PERIOD_S.
+
+        With the power policy on and a hub running, fresh telemetry counts as a change of what the
+        snapshot reads, so the fleet re-plans (at most every REPLAN_INTERVAL_S) and new caps reach the
+        agents on this cadence rather than only on the resync period.
+        """
+        obj = self.informers["PowerDomain"].get(name)
+        if obj is None:
+            self._draw_windows.pop(name, None)
+            return None
+        try:
+            pd = api.PowerDomain.model_validate(obj)
+        except ValidationError:
+            return None  # the snapshot builder reports bad input; nothing to observe against
+        if self.power is not None and self.fleet_policy().spec.policies.power:
+            self._bump(spec=False)
+        built, plans, _, _ = self.fleet()
+        nodes = next((d.nodes for d in built.snapshot.power_domains if d.name == name), ())
+        readings = self.power() if self.power is not None else PowerReadings(nodes={}, caps=())
+        window = merge_window(self._draw_windows.get(name, {}), domain_draws(readings, nodes))
+        self._draw_windows[name] = window
+        now = iso_now(time.time())
+        last = power_plan_summary(plans, name, set(nodes), pd.status.last_plan if pd.status else None, now)
+        new = wire(power_domain_status(pd, nodes, readings, window, last, now))
+        old = wire(pd.status) if pd.status else {}
+        if new != old:
+            self.kube.patch("PowerDomain", name, {"status": new}, subresource="status")
+        return POWER_STATUS_PERIOD_S
 
     def reconcile_pool(self, name: str) -> None:
         obj = self.informers["AcceleratorPool"].get(name)

@@ -12,9 +12,11 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 
-from controller.telemetry.hub import TelemetryHub
+from controller.telemetry.hub import CommandState, TelemetryHub
 from policies.snapshot import ExpertLoad, GPUTelemetry, PriorityClass, ServingTelemetry
+from protos.wattplane.v1 import agent_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ def summarise(
                     temperature_c=g.temperature_c,
                     power_limit_w=g.power_limit_w or None,
                     energy_j=g.energy_j,
+                    prefill_fraction=g.prefill_fraction if g.HasField("prefill_fraction") else None,
                     deployment=deployments.get(key),
                     priority=priorities.get(key),
                 )
@@ -104,3 +107,78 @@ def _add_expert_tokens(acc: dict[str, list[list[float]]], deployment: str, layer
     for a, b in zip(current, layers, strict=True):
         for i, x in enumerate(b):
             a[i] += x
+
+
+# -- power: what a PowerDomain status needs from the hub --------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodePower:
+    """One node's power as the hub saw it: the draws in its ring buffer and the limits in force."""
+
+    node: str
+    fresh: bool
+    draws: tuple[tuple[float, float], ...]  # (sampled unix s, node draw W), oldest first
+    limits: tuple[tuple[int, float, float], ...]  # latest report: (gpu index, limit in force W, max legal W)
+
+
+class CapState(StrEnum):
+    ACKNOWLEDGED = "acknowledged"  # the agent answered APPLIED
+    PENDING = "pending"  # queued or sent, no answer yet
+    FAILED = "failed"  # the agent refused it or the device failed
+
+
+@dataclass(frozen=True)
+class CapCommand:
+    """The latest power-limit command for one GPU (``watts`` None: limits cleared)."""
+
+    node: str
+    gpu: int
+    watts: float | None
+    state: CapState
+
+
+@dataclass(frozen=True)
+class PowerReadings:
+    nodes: Mapping[str, NodePower]
+    caps: tuple[CapCommand, ...]
+
+
+def power_readings(hub: TelemetryHub) -> PowerReadings:
+    """Per-node draws (ring buffers) and the latest cap command per GPU with its acknowledgement.
+
+    Read on the hub's event-loop thread. Commands are in the order they were issued, so the last
+    one seen for a GPU is the one in force (or on its way).
+    """
+    nodes = {}
+    for state in hub.nodes.values():
+        draws = tuple(
+            ((r.sampled_unix_ns or r.sent_unix_ns) / 1e9, r.node_power_w or sum(g.power_w for g in r.gpus))
+            for r in state.history
+        )
+        top = {a.index: a.max_power_limit_w for a in state.hello.accelerators}
+        report = state.last_report
+        limits = tuple((g.index, g.power_limit_w, top.get(g.index, 0.0)) for g in report.gpus) if report else ()
+        nodes[state.name] = NodePower(state.name, not hub.is_stale(state.name), draws, limits)
+    latest: dict[tuple[str, int], CapCommand] = {}
+    for record in hub.commands.values():
+        action = record.command.WhichOneof("action")
+        watts: float | None
+        if action == "set_power_limit":
+            indices, watts = list(record.command.set_power_limit.gpu_indices), record.command.set_power_limit.watts
+        elif action == "clear_limits":
+            indices, watts = list(record.command.clear_limits.gpu_indices), None
+        else:
+            continue
+        node = hub.nodes.get(record.node)
+        if not indices and node is not None:  # empty: every device of the node
+            indices = [a.index for a in node.hello.accelerators]
+        if record.state is not CommandState.DONE:
+            cap_state = CapState.PENDING
+        elif record.result is not None and record.result.status == pb.COMMAND_STATUS_APPLIED:
+            cap_state = CapState.ACKNOWLEDGED
+        else:
+            cap_state = CapState.FAILED
+        for i in indices:
+            latest[(record.node, int(i))] = CapCommand(record.node, int(i), watts, cap_state)
+    return PowerReadings(nodes=nodes, caps=tuple(latest.values()))

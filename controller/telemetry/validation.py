@@ -120,6 +120,7 @@ def validate_report(report: pb.NodeReport, bounds: ReportBounds) -> None:
             and -60.0 <= g.temperature_c <= 200.0
             and 0.0 <= g.power_limit_w <= power_hi
             and 0.0 <= g.clock_limit_mhz <= MAX_CLOCK_MHZ
+            and 0.0 <= g.prefill_fraction <= 1.0  # unset reads as 0.0
         ):
             raise Rejected(RejectReason.OUT_OF_RANGE, f"gpu {index}: reading out of range: {_one_line(g)}")
     if not 0.0 <= report.node_power_w <= MAX_POWER_W * MAX_GPUS_PER_NODE * 2:
@@ -146,6 +147,7 @@ def _validate_replica(r: pb.ReplicaSample) -> None:
         and 0.0 <= r.tpot_p50_ms <= MAX_RATE
         and 0.0 <= r.tpot_p99_ms <= MAX_RATE
         and 0.0 <= r.kv_cache_use <= 1.0
+        and 0.0 <= r.prefill_fraction <= 1.0  # unset reads as 0.0
     ):
         raise Rejected(RejectReason.OUT_OF_RANGE, f"replica {r.deployment}/{r.replica}: value out of range")
     layers = r.expert_tokens

@@ -192,6 +192,7 @@ class GPUSample(_message.Message):
     TEMPERATURE_C_FIELD_NUMBER: _builtins.int
     POWER_LIMIT_W_FIELD_NUMBER: _builtins.int
     CLOCK_LIMIT_MHZ_FIELD_NUMBER: _builtins.int
+    PREFILL_FRACTION_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     power_w: _builtins.float
     energy_j: _builtins.float
@@ -205,6 +206,11 @@ class GPUSample(_message.Message):
     """the limit in force"""
     clock_limit_mhz: _builtins.float
     """0 when clocks are not locked"""
+    prefill_fraction: _builtins.float
+    """Share of the interval this device spent in prompt (prefill) passes, in [0, 1]; unset when the
+    agent cannot tell (no engine metrics for the replica on it). The power policy uses it to split
+    the draw into prompt bursts (~TDP) and the token phase.
+    """
     def __init__(
         self,
         *,
@@ -217,12 +223,15 @@ class GPUSample(_message.Message):
         temperature_c: _builtins.float = ...,
         power_limit_w: _builtins.float = ...,
         clock_limit_mhz: _builtins.float = ...,
+        prefill_fraction: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_prefill_fraction", b"_prefill_fraction", "prefill_fraction", b"prefill_fraction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock_limit_mhz", b"clock_limit_mhz", "energy_j", b"energy_j", "index", b"index", "memory_used_gib", b"memory_used_gib", "power_limit_w", b"power_limit_w", "power_w", b"power_w", "sm_clock_mhz", b"sm_clock_mhz", "temperature_c", b"temperature_c", "utilisation", b"utilisation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prefill_fraction", b"_prefill_fraction", "clock_limit_mhz", b"clock_limit_mhz", "energy_j", b"energy_j", "index", b"index", "memory_used_gib", b"memory_used_gib", "power_limit_w", b"power_limit_w", "power_w", b"power_w", "prefill_fraction", b"prefill_fraction", "sm_clock_mhz", b"sm_clock_mhz", "temperature_c", b"temperature_c", "utilisation", b"utilisation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__prefill_fraction: _TypeAlias = _typing.Literal["prefill_fraction"]  # noqa: Y015
+    _WhichOneofArgType__prefill_fraction: _TypeAlias = _typing.Literal["_prefill_fraction", b"_prefill_fraction"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__prefill_fraction) -> _WhichOneofReturnType__prefill_fraction | None: ...
 
 Global___GPUSample: _TypeAlias = GPUSample  # noqa: Y015
 
@@ -272,6 +281,7 @@ class ReplicaSample(_message.Message):
     TPOT_P99_MS_FIELD_NUMBER: _builtins.int
     KV_CACHE_USE_FIELD_NUMBER: _builtins.int
     EXPERT_TOKENS_FIELD_NUMBER: _builtins.int
+    PREFILL_FRACTION_FIELD_NUMBER: _builtins.int
     deployment: _builtins.str
     replica: _builtins.str
     requests_per_s: _builtins.float
@@ -285,6 +295,10 @@ class ReplicaSample(_message.Message):
     tpot_p99_ms: _builtins.float
     kv_cache_use: _builtins.float
     """fraction in [0, 1]"""
+    prefill_fraction: _builtins.float
+    """Estimated share of the interval the engine spent in prompt passes (see agents/scraper.py);
+    unset when the engine's metrics do not allow an estimate.
+    """
     @_builtins.property
     def expert_tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExpertLayerTokens]: ...
     def __init__(
@@ -303,12 +317,15 @@ class ReplicaSample(_message.Message):
         tpot_p99_ms: _builtins.float = ...,
         kv_cache_use: _builtins.float = ...,
         expert_tokens: _abc.Iterable[Global___ExpertLayerTokens] | None = ...,
+        prefill_fraction: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_prefill_fraction", b"_prefill_fraction", "prefill_fraction", b"prefill_fraction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "expert_tokens", b"expert_tokens", "input_tokens_per_s", b"input_tokens_per_s", "kv_cache_use", b"kv_cache_use", "output_tokens_per_s", b"output_tokens_per_s", "queue_depth", b"queue_depth", "replica", b"replica", "requests_per_s", b"requests_per_s", "running_batch", b"running_batch", "tpot_p50_ms", b"tpot_p50_ms", "tpot_p99_ms", b"tpot_p99_ms", "ttft_p50_ms", b"ttft_p50_ms", "ttft_p99_ms", b"ttft_p99_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prefill_fraction", b"_prefill_fraction", "deployment", b"deployment", "expert_tokens", b"expert_tokens", "input_tokens_per_s", b"input_tokens_per_s", "kv_cache_use", b"kv_cache_use", "output_tokens_per_s", b"output_tokens_per_s", "prefill_fraction", b"prefill_fraction", "queue_depth", b"queue_depth", "replica", b"replica", "requests_per_s", b"requests_per_s", "running_batch", b"running_batch", "tpot_p50_ms", b"tpot_p50_ms", "tpot_p99_ms", b"tpot_p99_ms", "ttft_p50_ms", b"ttft_p50_ms", "ttft_p99_ms", b"ttft_p99_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__prefill_fraction: _TypeAlias = _typing.Literal["prefill_fraction"]  # noqa: Y015
+    _WhichOneofArgType__prefill_fraction: _TypeAlias = _typing.Literal["_prefill_fraction", b"_prefill_fraction"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__prefill_fraction) -> _WhichOneofReturnType__prefill_fraction | None: ...
 
 Global___ReplicaSample: _TypeAlias = ReplicaSample  # noqa: Y015
 
