@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 AGENT_VERSION = "0.1.0"
 CONNECT_METHOD = "/wattplane.v1.AgentService/Connect"
+NOT_LEADER_MAX_ATTEMPT = 3  # backoff after "not the leader" stays at most base * 2**3 (1.6 s by default)
 
 
 @dataclass
@@ -186,6 +187,10 @@ class Agent:
                 self.last_error = f"{exc.code().name}: {exc.details()}"
                 level = logging.ERROR if exc.code() is grpc.StatusCode.UNAUTHENTICATED else logging.INFO
                 log.log(level, "controller stream ended: %s", self.last_error)
+                if exc.code() is grpc.StatusCode.UNAVAILABLE and "not the leader" in (exc.details() or ""):
+                    # a standby replica sent us away: the leader is up, so retry soon (a new connection
+                    # may reach it) instead of backing off as from a controller outage
+                    attempt = min(attempt, NOT_LEADER_MAX_ATTEMPT)
             except Exception as exc:  # any other failure must not end the agent: retry
                 self.last_error = repr(exc)
                 log.info("controller stream failed: %r", exc)
@@ -202,7 +207,14 @@ class Agent:
     def _channel(self) -> grpc.aio.Channel:
         keepalive_ms = int(self.config.keepalive_s * 1000)
         timeout_ms = max(1000, keepalive_ms // 2)
-        options = [("grpc.keepalive_time_ms", keepalive_ms), ("grpc.keepalive_timeout_ms", timeout_ms)]
+        # A channel of its own (no process-wide subchannel pool): each reconnect opens a new TCP
+        # connection, which the Service (and SO_REUSEPORT among hub shards) may send elsewhere, e.g.
+        # away from a standby replica that refused us; a pooled connection would stay stuck on it.
+        options = [
+            ("grpc.keepalive_time_ms", keepalive_ms),
+            ("grpc.keepalive_timeout_ms", timeout_ms),
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
         if self.config.tls_ca is not None:
             creds = grpc.ssl_channel_credentials(self.config.tls_ca.read_bytes())
             return grpc.aio.secure_channel(self.config.target, creds, options=options)

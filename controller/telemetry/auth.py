@@ -120,3 +120,16 @@ class TokenReviewAuthenticator:
         extra = status.user.extra or {}
         node_values = extra.get(NODE_NAME_EXTRA) or []
         return Identity(user=user, node=node_values[0] if node_values else None, groups=tuple(status.user.groups or ()))
+
+
+def token_review_from_kubeconfig(
+    kubeconfig: str | None, context: str | None, audiences: tuple[str, ...]
+) -> TokenReviewAuthenticator:
+    """A TokenReview authenticator built where it is used: hub shard processes each make their own,
+    since API clients do not cross process boundaries (pass this with ``functools.partial``)."""
+    from kubernetes import client
+
+    from controller.kube import load_configuration
+
+    api = client.AuthenticationV1Api(client.ApiClient(load_configuration(kubeconfig, context)))
+    return TokenReviewAuthenticator(api=api, audiences=audiences)

@@ -19,6 +19,13 @@ beyond ``max_streams`` are refused before any work; a stream sending reports fas
 bucket allows (burst ``report_burst``, refill ``rate_factor`` x the report rate) is ended; an
 identity whose streams were rejected ``reject_budget`` times within ``reject_window_s`` is refused
 outright until the window passes, so one misbehaving agent's reconnect storm costs little.
+
+Only the leader's hub takes agents: a hub with ``accepting`` off (a standby replica) refuses new
+streams and ends open ones with ``UNAVAILABLE "not the leader"``; agents back off briefly and
+reconnect through the Service until they reach the leader. A periodic sweep (``run_sweeper``)
+marks nodes stale as soon as their reports stop, so the stale gauge and the snapshot see it
+without anyone asking. A hub running as one shard of several (``controller.telemetry.shards``)
+reports stream opens and closes, stored reports and command results to a ``ShardSink``.
 """
 
 from __future__ import annotations
@@ -26,11 +33,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -45,6 +54,8 @@ from controller.telemetry.validation import (
     validate_report,
 )
 from protos.wattplane.v1 import agent_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 SERVICE = "wattplane.v1.AgentService"
 CONNECT_METHOD = f"/{SERVICE}/Connect"
@@ -62,6 +73,7 @@ class HubConfig:
     rate_factor: float = 4.0  # sustained reports per report interval a stream may send
     reject_budget: int = 20  # rejected streams per identity per window before it is quarantined
     reject_window_s: float = 10.0
+    sweep_every_s: float = 0.5  # how often the stale sweep runs (``run_sweeper``)
 
 
 class CommandState(StrEnum):
@@ -98,6 +110,7 @@ class NodeState:
     instance: str = ""  # the agent process instance whose seqs ``last_seq`` counts
     last_seq: int = 0  # highest report seq stored from that instance
     lag_ms_max: float = 0.0  # worst report-to-state lag seen from this node
+    marked_stale: bool = False  # set by the sweep when the node went quiet, cleared by its next report
 
     def stale(self, now: float, stale_after_s: float) -> bool:
         seen = self.last_report_at if self.last_report_at is not None else self.connected_at
@@ -109,6 +122,20 @@ class _Session:
     node: str
     outbox: asyncio.Queue[pb.ControllerMessage]
     superseded: bool = False
+    shard: int | None = None  # a merged view's session: the shard process holding the stream
+    ended_by: Rejected | None = None  # why the hub ends this stream at its next message (not the leader)
+
+
+class ShardSink(Protocol):
+    """Where a shard's hub hands what the controller process merges (``controller.telemetry.shards``)."""
+
+    def opened(self, state: NodeState) -> None: ...
+
+    def closed(self, node: str) -> None: ...
+
+    def stored(self, node: str, raw: bytes, keep: bool) -> None: ...  # keep: carries expert tokens
+
+    def result(self, result: pb.CommandResult) -> None: ...
 
 
 class LagRecorder:
@@ -164,6 +191,11 @@ class TelemetryHub:
         self._domains: dict[str, str] = {}
         self._shares: dict[str, float] = {}
         self._ids = itertools.count(1)
+        self.accepting = True  # False on a standby replica: agents are sent to the leader
+        self.sink: ShardSink | None = None
+        self.stale_marked = 0  # nodes the sweep found newly stale
+        self.on_stale: Callable[[list[str]], None] | None = None  # told which nodes just went stale
+        self._sweeper: asyncio.Task[None] | None = None
 
     # -- the gRPC side ------------------------------------------------------------------
     def handler(self) -> grpc.GenericRpcHandler:
@@ -184,6 +216,9 @@ class TelemetryHub:
         key: str | None = None
         self._streams += 1
         try:
+            if not self.accepting:  # before auth: a standby spends nothing on agents it will not keep
+                await self._drain_hello(messages)
+                raise Rejected(RejectReason.NOT_LEADER, "not the leader; reconnect through the Service")
             if self.config.max_streams and self._streams > self.config.max_streams:
                 await self._drain_hello(messages)
                 raise Rejected(RejectReason.OVERLOADED, f"hub at its limit of {self.config.max_streams} streams")
@@ -206,7 +241,7 @@ class TelemetryHub:
             self.rejected[exc.reason.value] += 1
             if exc.status is grpc.StatusCode.RESOURCE_EXHAUSTED:
                 self.shed[exc.reason.value] += 1
-            if key is not None and exc.reason is not RejectReason.QUARANTINED:
+            if key is not None and exc.reason not in (RejectReason.QUARANTINED, RejectReason.NOT_LEADER):
                 self._recent_rejects.setdefault(key, deque()).append(self._clock())
             await context.abort(exc.status, str(exc))
         finally:
@@ -264,17 +299,31 @@ class TelemetryHub:
         state = self.nodes[session.node]
         bounds = ReportBounds(state.hello)
         lag = self.lag
+        sink = self.sink
+        clock = self._clock
+        burst = float(self.config.report_burst)
         refill_per_s = self.config.rate_factor / max(self.config.report_interval_s, 1e-3)
-        tokens, refilled_at = float(self.config.report_burst), self._clock()
+        tokens, refilled_at = burst, clock()
+        max_bytes = self.config.max_message_bytes
+        parse = pb.AgentMessage.FromString
+        history = state.history
         async for raw in messages:
             if session.superseded:
+                if session.ended_by is not None:
+                    raise session.ended_by
                 return
-            msg = self._parse(raw)
-            kind = msg.WhichOneof("body")
-            if kind == "report":
+            if len(raw) > max_bytes:
+                raise Rejected(RejectReason.OVERSIZED, f"{len(raw)} bytes > {max_bytes}")
+            try:
+                msg = parse(raw)
+            except DecodeError as exc:
+                raise Rejected(RejectReason.MALFORMED, f"not an AgentMessage: {exc}") from None
+            if msg.HasField("report"):
                 report = msg.report
-                now = self._clock()
-                tokens = min(float(self.config.report_burst), tokens + (now - refilled_at) * refill_per_s)
+                now = clock()
+                tokens += (now - refilled_at) * refill_per_s
+                if tokens > burst:
+                    tokens = burst
                 refilled_at = now
                 if tokens < 1.0:
                     raise Rejected(RejectReason.RATE_LIMITED, "reports arrive faster than the report interval allows")
@@ -286,18 +335,24 @@ class TelemetryHub:
                 validate_report(report, bounds)
                 if seq:
                     state.last_seq = seq
-                now_ns = time.time_ns()
-                state.last_report = report
-                state.last_report_at = self._clock()
-                state.history.append(report)  # a deque with maxlen: the ring buffer
-                state.reports += 1
-                self.reports_total += 1
-                if report.sent_unix_ns:
-                    lag_ms = (now_ns - report.sent_unix_ns) / 1e6
+                sent_ns = report.sent_unix_ns
+                if sent_ns:
+                    lag_ms = (time.time_ns() - sent_ns) / 1e6
                     lag.add(lag_ms)
                     if lag_ms > state.lag_ms_max:
                         state.lag_ms_max = lag_ms
-            elif kind == "result":
+                state.last_report = report
+                state.last_report_at = now
+                state.marked_stale = False
+                history.append(report)  # a deque with maxlen: the ring buffer
+                state.reports += 1
+                self.reports_total += 1
+                if sink is not None:
+                    replicas = report.replicas
+                    sink.stored(state.name, raw, bool(replicas) and any(r.expert_tokens for r in replicas))
+                continue
+            kind = msg.WhichOneof("body")
+            if kind == "result":
                 self._record_result(msg.result)
             else:
                 raise Rejected(RejectReason.PROTOCOL, f"unexpected {kind or 'empty'} message after the hello")
@@ -338,6 +393,8 @@ class TelemetryHub:
                 state.last_seq = prev.last_seq
         state.power_domain = self._domains.get(name) or hello.power_domain or None
         self.nodes[name] = state
+        if self.sink is not None:
+            self.sink.opened(state)
         return session
 
     def _close_session(self, session: _Session) -> None:
@@ -346,6 +403,8 @@ class TelemetryHub:
             state = self.nodes.get(session.node)
             if state is not None:
                 state.connected = False
+            if self.sink is not None:
+                self.sink.closed(session.node)
 
     async def _write_loop(self, session: _Session, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
         while True:
@@ -389,6 +448,8 @@ class TelemetryHub:
             self._deliver(session, record)
 
     def _record_result(self, result: pb.CommandResult) -> None:
+        if self.sink is not None:
+            self.sink.result(result)  # the merged view keeps the truth; duplicates are dropped there
         record = self.commands.get(result.command_id)
         if record is None or record.state is CommandState.DONE:
             return  # a duplicate answer to an at-least-once delivery
@@ -419,16 +480,60 @@ class TelemetryHub:
     def now(self) -> float:
         return self._clock()
 
+    def set_accepting(self, accepting: bool) -> None:
+        """Take agents (leader) or send them away (standby). Turning it off ends open streams with
+        ``UNAVAILABLE`` at their next message, so agents move to the new leader within a report interval."""
+        self.accepting = accepting
+        if not accepting:
+            for session in self._sessions.values():
+                session.ended_by = Rejected(RejectReason.NOT_LEADER, "not the leader (any more); reconnect")
+                session.superseded = True
+
+    def sweep(self) -> list[str]:
+        """Mark nodes whose reports stopped; returns the ones newly stale. Runs periodically
+        (``run_sweeper``) so staleness shows without a query; queries also check the clock."""
+        now = self._clock()
+        after = self.config.stale_after_s
+        newly = []
+        for name, state in self.nodes.items():
+            if not state.marked_stale and state.stale(now, after):
+                state.marked_stale = True
+                newly.append(name)
+        if newly:
+            newly.sort()
+            self.stale_marked += len(newly)
+            log.warning("%d node(s) went stale (no report for %.1f s): %s", len(newly), after, newly[:10])
+            if self.on_stale is not None:
+                self.on_stale(newly)
+        return newly
+
+    def start_sweeper(self) -> None:
+        """Run the sweep on the running loop (once per hub; a second server reuses it)."""
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self.run_sweeper(), name="hub-stale-sweep")
+
+    async def run_sweeper(self) -> None:
+        """The periodic stale sweep; ``start_server`` runs it for the server's lifetime."""
+        while True:
+            await asyncio.sleep(self.config.sweep_every_s)
+            try:
+                self.sweep()
+            except Exception:  # a callback's bug must not stop the sweep
+                log.exception("stale sweep failed")
+
     def is_stale(self, node: str) -> bool:
-        return self.nodes[node].stale(self._clock(), self.config.stale_after_s)
+        state = self.nodes[node]
+        return state.marked_stale or state.stale(self._clock(), self.config.stale_after_s)
 
     def stale_nodes(self) -> list[str]:
         now = self._clock()
-        return sorted(n for n, s in self.nodes.items() if s.stale(now, self.config.stale_after_s))
+        after = self.config.stale_after_s
+        return sorted(n for n, s in self.nodes.items() if s.marked_stale or s.stale(now, after))
 
     def fresh_nodes(self) -> Iterable[NodeState]:
         now = self._clock()
-        return (s for s in self.nodes.values() if not s.stale(now, self.config.stale_after_s))
+        after = self.config.stale_after_s
+        return (s for s in self.nodes.values() if not (s.marked_stale or s.stale(now, after)))
 
     def forget(self, older_than_s: float) -> list[str]:
         """Drop disconnected nodes silent for ``older_than_s`` (scaled-in nodes), so state and

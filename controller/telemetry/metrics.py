@@ -36,7 +36,7 @@ class HubCollector(Collector):
         )
         domains: dict[str, float] = defaultdict(float)
         for name, state in hub.nodes.items():
-            is_stale = state.stale(now, hub.config.stale_after_s)
+            is_stale = state.marked_stale or state.stale(now, hub.config.stale_after_s)
             stale.add_metric([name], 1.0 if is_stale else 0.0)
             report = state.last_report
             if report is None:
@@ -63,6 +63,9 @@ class HubCollector(Collector):
         for reason, count in sorted(hub.rejected.items()):
             rejected.add_metric([reason], count)
         yield rejected
+        marked = CounterMetricFamily("wattplane_telemetry_stale_marked", "nodes the stale sweep found newly stale")
+        marked.add_metric([], hub.stale_marked)
+        yield marked
         connected = GaugeMetricFamily("wattplane_telemetry_connected_agents", "agents with an open stream")
         connected.add_metric([], hub.connected_agents())
         yield connected

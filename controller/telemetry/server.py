@@ -74,11 +74,14 @@ async def start_server(
     *,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
-    """Start serving; returns the server and the bound port (useful with port 0)."""
+    """Start serving; returns the server and the bound port (useful with port 0). ``reuse_port``
+    lets several processes listen on one port, the kernel spreading connections (hub shards)."""
     server = grpc.aio.server(
         handlers=[hub.handler()],
         options=[
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
             ("grpc.max_receive_message_length", TRANSPORT_MAX_MESSAGE_BYTES),
             ("grpc.keepalive_time_ms", 20_000),
             ("grpc.keepalive_timeout_ms", 10_000),
@@ -93,4 +96,5 @@ async def start_server(
     if port == 0:
         raise OSError(f"telemetry hub could not bind {address}")
     await server.start()
+    hub.start_sweeper()
     return server, port

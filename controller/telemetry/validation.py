@@ -34,6 +34,7 @@ class RejectReason(StrEnum):
     OVERLOADED = "overloaded"  # the hub is at its stream limit: shed, the agent retries with backoff
     RATE_LIMITED = "rate_limited"  # one stream sent reports far faster than its interval allows
     QUARANTINED = "quarantined"  # this identity's streams were rejected too often just now
+    NOT_LEADER = "not_leader"  # a standby replica's hub: the agent reconnects until it reaches the leader
 
 
 STATUS: dict[RejectReason, grpc.StatusCode] = {
@@ -47,6 +48,7 @@ STATUS: dict[RejectReason, grpc.StatusCode] = {
     RejectReason.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     RejectReason.QUARANTINED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     RejectReason.AUTH_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    RejectReason.NOT_LEADER: grpc.StatusCode.UNAVAILABLE,
 }
 
 
