@@ -17,13 +17,18 @@ Routes (one FastAPI ingress):
   which the controller derives demand; ``GET /metrics`` — Prometheus text for this replica:
   requests and latency per route (served model) and reason, the table version, errors.
 
-Never drop a request: no or stale table -> large only; a failing model -> the other one. Each
-router replica holds its own table and counters (the controller pushes to every replica; with
-several replicas, scrape them all). Tests run one replica.
+Never drop a request: no or stale table -> large only; a failing model -> the other one. Every
+router replica serves the same table: it lives in one :class:`TableStoreDeployment` (see
+``store.py``) that a PUT on any replica writes and every replica re-reads at most every
+``refresh_s``; the store also sums the replicas' counters for ``/v1/router/stats``. Prometheus
+metrics stay per replica (scrape each; the ``x-wattplane-router-replica`` header names it).
 """
 
 
+import asyncio
 import json
+import os
+import socket
 import time
 from importlib import resources
 from typing import Any
@@ -36,7 +41,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from controller.dataplane.standin import LatencyModel, StandInEngine, count_tokens
-from controller.dataplane.table import RouteReason, RoutingTable, TableHolder
+from controller.dataplane.store import DEFAULT_REFRESH_S, SharedTable, TableStore
+from controller.dataplane.table import RouteReason, RoutingTable
 from policies.difficulty import WEIGHTS_PACKAGE, WEIGHTS_RESOURCE, RouterWeights, Scorer, weights_from_json
 
 app = FastAPI(title="wattplane router")
@@ -148,19 +154,40 @@ class StandInModel:
         return await self.engine.generate(prompt, max_tokens)
 
 
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000, num_replicas=1)
+class TableStoreDeployment:
+    """The one routing table all router replicas serve (exactly one replica: it is the source of truth)."""
+
+    def __init__(self) -> None:
+        self.store = TableStore()
+
+    async def offer(self, table_json: str) -> tuple[bool, int]:
+        return self.store.offer(table_json, time.monotonic())
+
+    async def sync(self, replica: str, counters: dict[str, int]) -> tuple[str | None, float]:
+        return self.store.sync(replica, counters, time.monotonic())
+
+    async def totals(self) -> dict[str, int]:
+        return self.store.totals()
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
 @serve.ingress(app)
 class Router:
     def __init__(
-        self, large: DeploymentHandle[Any], small: DeploymentHandle[Any], deployment: str, fallback: str,
-        weights_json: str | None = None,
+        self, large: DeploymentHandle[Any], small: DeploymentHandle[Any], store: DeploymentHandle[Any],
+        deployment: str, fallback: str, weights_json: str | None = None, refresh_s: float = DEFAULT_REFRESH_S,
     ) -> None:
         self.large = large
         self.small = small
+        self.store = store
         self.deployment = deployment
         self.fallback = fallback
+        self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
         self.scorer = Scorer(weights_from_json(weights_json) if weights_json else load_packaged_weights())
-        self.tables = TableHolder()
+        self.shared = SharedTable(refresh_s)
+        self._syncing = False
+        self._loop: asyncio.Task[None] | None = None
         self.registry = CollectorRegistry()
         self.requests = Counter("wattplane_router_requests", "Requests served, by route (model) and reason",
                                 ["route", "reason"], registry=self.registry)
@@ -199,7 +226,8 @@ class Router:
         self.stats["prompt_tokens"] += count_tokens(prompt)
         self.stats["output_tokens"] += max_tokens
         difficulty = self.scorer.score(prompt, subject)
-        use_small, reason = self.tables.decide(difficulty, time.monotonic())
+        await self._refresh()
+        use_small, reason = self.shared.holder.decide(difficulty, time.monotonic())
         first, second = (self.small, self.large) if use_small else (self.large, self.small)
         try:
             result = await first.generate.remote(prompt, max_tokens)
@@ -214,12 +242,13 @@ class Router:
         elapsed = time.monotonic() - start
         self.requests.labels(route, reason.value).inc()
         self.latency.labels(route).observe(elapsed)
-        table = self.tables.table
+        table = self.shared.holder.table
         headers = {
             "x-wattplane-served-by": route,
             "x-wattplane-route-reason": reason.value,
             "x-wattplane-difficulty": f"{difficulty:.5f}",
             "x-wattplane-table-version": str(table.version if table else -1),
+            "x-wattplane-router-replica": self.replica_id,
         }
         usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
                  "total_tokens": int(str(result["prompt_tokens"])) + int(str(result["completion_tokens"]))}
@@ -233,6 +262,34 @@ class Router:
                    "model": route, "choices": [choice], "usage": usage}
         return JSONResponse(content=content, headers=headers)
 
+    # -- the shared table -----------------------------------------------------------------
+    async def _refresh(self, force: bool = False) -> None:
+        """Re-read the shared table (and report our counters) when due; one read in flight at a time.
+
+        A store that cannot be reached leaves the cached table in force; its TTL still runs, so a
+        lost store ends in "large only", never in dropped requests.
+        """
+        if self._loop is None:  # started lazily: the constructor may run outside the replica's event loop
+            self._loop = asyncio.get_running_loop().create_task(self._sync_forever())
+        if self._syncing or not (force or self.shared.due(time.monotonic())):
+            return
+        self._syncing = True
+        try:
+            table_json, age = await self.store.sync.remote(self.replica_id, dict(self.stats))
+            self.shared.install(table_json, age, time.monotonic())
+        except Exception:  # the store is down or restarting: keep serving from the cache
+            self.shared.synced_at = time.monotonic()
+        finally:
+            self._syncing = False
+        table = self.shared.holder.table
+        self.version.set(table.version if table else -1)
+
+    async def _sync_forever(self) -> None:
+        """Keep the table and our counters fresh between requests too (an idle replica must not go stale)."""
+        while True:
+            await asyncio.sleep(self.shared.refresh_s)
+            await self._refresh()
+
     # -- controller surface -------------------------------------------------------------
     @app.put("/v1/router/table")
     async def put_table(self, request: Request) -> Response:
@@ -243,25 +300,31 @@ class Router:
         if table.deployment != self.deployment or table.fallback != self.fallback:
             return openai_error(400, f"this router serves {self.deployment} -> {self.fallback}, "
                                      f"not {table.deployment} -> {table.fallback}")
-        if not self.tables.offer(table, time.monotonic()):
-            have = self.tables.table.version if self.tables.table else -1
+        accepted, have = await self.store.offer.remote(table.model_dump_json())
+        if not accepted:
             return openai_error(409, f"table version {table.version} is older than {have}", "version", kind="conflict")
-        self.version.set(table.version)
+        await self._refresh(force=True)
         return JSONResponse(content={"accepted": table.version})
 
     @app.get("/v1/router/table")
     async def get_table(self) -> Response:
-        table = self.tables.table
+        await self._refresh(force=True)
+        holder = self.shared.holder
+        table = holder.table
         now = time.monotonic()
         return JSONResponse(content={
             "table": table.model_dump() if table else None,
-            "age_s": now - self.tables.received_at if table else None,
-            "stale": self.tables.is_stale(now),
+            "age_s": now - holder.received_at if table else None,
+            "stale": holder.is_stale(now),
+            "replica": self.replica_id,
         })
 
     @app.get("/v1/router/stats")
     async def get_stats(self) -> Response:
-        return JSONResponse(content=dict(self.stats))
+        """Offered load summed over every router replica (each reports its counters to the store)."""
+        await self._refresh(force=True)
+        totals: dict[str, int] = await self.store.totals.remote()
+        return JSONResponse(content=totals)
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
@@ -269,8 +332,10 @@ class Router:
 
 
 def build_app(large: LatencyModel, small: LatencyModel, deployment: str, fallback: str,
-              weights_json: str | None = None) -> Any:
-    """The application graph: router -> (large, small) stand-ins."""
+              weights_json: str | None = None, router_replicas: int = 1, refresh_s: float = DEFAULT_REFRESH_S) -> Any:
+    """The application graph: ``router_replicas`` routers -> (large, small) stand-ins, one shared table store."""
     large_app = StandInModel.options(name=f"model-{deployment}").bind(large)  # type: ignore[attr-defined]
     small_app = StandInModel.options(name=f"model-{fallback}").bind(small)  # type: ignore[attr-defined]
-    return Router.bind(large_app, small_app, deployment, fallback, weights_json)  # type: ignore[attr-defined]
+    store = TableStoreDeployment.bind()  # type: ignore[attr-defined]
+    router = Router.options(num_replicas=router_replicas)  # type: ignore[attr-defined]
+    return router.bind(large_app, small_app, store, deployment, fallback, weights_json, refresh_s)

@@ -1,6 +1,7 @@
 """Ray Serve started for real on loopback: the router, HTTP and the routing loop are real; models are stand-ins.
 
-One module-scoped Ray (``num_cpus=2``) serves every test here; it is shut down in the finaliser.
+One module-scoped Ray (``num_cpus=2``) serves every test here; it is shut down in the finaliser. The
+router runs as ROUTER_REPLICAS replicas behind Serve's proxy, all serving one shared table.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ LARGE_SLOTS = 4
 SMALL_SLOTS = 8
 SLO_P99_S = 2.0  # end-to-end p99 latency target of this test's service (5x the unloaded 0.4 s)
 CONTROL_PERIOD_S = 0.5
+ROUTER_REPLICAS = 2
+REFRESH_S = 0.2  # a router replica re-reads the shared table at most this often
 
 WORDS = (
     "integral", "derivative", "theorem", "proof", "history", "treaty", "war", "king", "enzyme", "protein", "cell",
@@ -98,7 +101,8 @@ def served() -> Iterator[Served]:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         large, small = profiles()
-        serve.run(build_app(large, small, "big", "small"), name="wattplane-router", route_prefix="/")
+        serve.run(build_app(large, small, "big", "small", router_replicas=ROUTER_REPLICAS, refresh_s=REFRESH_S),
+                  name="wattplane-router", route_prefix="/")
         yield Served(f"http://127.0.0.1:{port}", large, small)
     finally:
         serve.shutdown()
@@ -112,9 +116,11 @@ def chat(client: httpx.Client, text: str, max_tokens: int = OUTPUT_TOKENS) -> ht
 
 
 def push(served: Served, version: int, share: float, threshold: float, ttl: float = 60.0) -> None:
+    """Push through whichever replica the proxy picks, then give every replica time to re-read the store."""
     ok = HttpRouterPort(served.base_url, ttl_s=ttl).push(RoutingTable(
         version=version, deployment="big", fallback="small", threshold=threshold, fallback_share=share, ttl_s=ttl))
     assert ok
+    time.sleep(2 * REFRESH_S)
 
 
 _version = [100]
@@ -177,13 +183,45 @@ def test_routing_follows_pushed_tables(served: Served) -> None:
 def test_stale_table_falls_back_to_large_only(served: Served) -> None:
     rng = random.Random(2)
     with httpx.Client(base_url=served.base_url, timeout=30) as c:
-        push(served, next_version(), share=1.0, threshold=1e9, ttl=0.5)
+        push(served, next_version(), share=1.0, threshold=1e9, ttl=1.5)
         assert chat(c, prompt(rng), max_tokens=5).headers["x-wattplane-served-by"] == "small"
-        time.sleep(0.8)
+        time.sleep(1.5)
         r = chat(c, prompt(rng), max_tokens=5)
         assert r.status_code == 200
         assert r.headers["x-wattplane-served-by"] == "big"
         assert r.headers["x-wattplane-route-reason"] == "stale-table"
+
+
+async def _fan_out(served: Served, n: int) -> list[httpx.Response]:
+    rng = random.Random(n)
+    async with httpx.AsyncClient(base_url=served.base_url, timeout=30) as c:
+        return list(await asyncio.gather(*(
+            c.post("/v1/chat/completions", json={"model": "big", "max_tokens": 5,
+                                                 "messages": [{"role": "user", "content": prompt(rng)}]})
+            for _ in range(n))))
+
+
+def test_every_router_replica_serves_the_latest_table(served: Served) -> None:
+    """A push reaches one replica through the proxy; every replica must route by it (and count load)."""
+    with httpx.Client(base_url=served.base_url, timeout=30) as c:
+        before = c.get("/v1/router/stats").json()["requests"]
+    seen: set[str] = set()
+    sent = 0
+    for share, served_by in ((1.0, "small"), (0.0, "big"), (1.0, "small")):
+        v = next_version()
+        push(served, v, share=share, threshold=1e9 if share else -1e9)  # waits 2 x REFRESH_S
+        responses = asyncio.run(_fan_out(served, 40))
+        sent += len(responses)
+        assert all(r.status_code == 200 for r in responses)
+        assert {r.headers["x-wattplane-table-version"] for r in responses} == {str(v)}
+        assert {r.headers["x-wattplane-served-by"] for r in responses} == {served_by}
+        seen |= {r.headers["x-wattplane-router-replica"] for r in responses}
+    assert len(seen) == ROUTER_REPLICAS, f"the proxy used {len(seen)} replica(s); the test needs all of them"
+    time.sleep(2 * REFRESH_S)  # counters reach the store within REFRESH_S
+    with httpx.Client(base_url=served.base_url, timeout=30) as c:
+        assert c.get("/v1/router/stats").json()["requests"] - before == sent  # load summed over replicas
+        tables = [c.get("/v1/router/table").json() for _ in range(6)]
+    assert {t["table"]["version"] for t in tables} == {_version[0]}
 
 
 def snapshot(now: float, out_tok_s: float, in_tok_s: float) -> Snapshot:
