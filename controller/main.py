@@ -45,24 +45,46 @@ class HubRunner:
 
     @classmethod
     def start(cls, kube: Kube, host: str, port: int, tls_dir: Path | None, authenticator: Any = None,
-              max_streams: int = 0) -> HubRunner:
+              max_streams: int = 0, *, shards: int = 1, auth_factory: Any = None,
+              kube_source: tuple[str | None, str | None] = (None, None), accepting: bool = True) -> HubRunner:
+        """``shards`` > 1 runs the hub as that many worker processes on one port (``telemetry.shards``);
+        ``accepting`` False starts it as a standby's hub, refusing agents until ``set_accepting(True)``."""
         from kubernetes import client
 
         from controller.telemetry import TelemetryHub, TokenReviewAuthenticator, start_server
         from controller.telemetry.hub import HubConfig
 
-        # Agents present projected tokens minted for the audience "wattplane" (the chart's DaemonSet).
-        auth = authenticator or TokenReviewAuthenticator(api=client.AuthenticationV1Api(kube.api),
-                                                         audiences=(AGENT_TOKEN_AUDIENCE,))
-        hub = TelemetryHub(auth, HubConfig(max_streams=max_streams))
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name="telemetry-hub", daemon=True)
         thread.start()
         cert = tls_dir / "tls.crt" if tls_dir else None
         key = tls_dir / "tls.key" if tls_dir else None
+        config = HubConfig(max_streams=max_streams)  # with shards: the limit of each shard
+        if shards > 1:
+            import functools
+
+            from controller.telemetry.auth import token_review_from_kubeconfig
+            from controller.telemetry.shards import ShardedHub
+
+            # each shard process builds its own TokenReview client (API clients do not cross processes)
+            factory = auth_factory or functools.partial(token_review_from_kubeconfig, *kube_source,
+                                                        (AGENT_TOKEN_AUDIENCE,))
+            sharded = ShardedHub(factory, config, shards=shards, host=host, port=port, tls_cert=cert, tls_key=key)
+            sharded.accepting = accepting
+            bound = asyncio.run_coroutine_threadsafe(sharded.start(), loop).result(120)
+            return cls(loop, thread, sharded, sharded, bound)
+        # Agents present projected tokens minted for the audience "wattplane" (the chart's DaemonSet).
+        auth = authenticator or TokenReviewAuthenticator(api=client.AuthenticationV1Api(kube.api),
+                                                         audiences=(AGENT_TOKEN_AUDIENCE,))
+        hub = TelemetryHub(auth, config)
+        hub.accepting = accepting
         server, bound = asyncio.run_coroutine_threadsafe(
             start_server(hub, f"{host}:{port}", tls_cert=cert, tls_key=key), loop).result(30)
         return cls(loop, thread, hub, server, bound)
+
+    def set_accepting(self, accepting: bool) -> None:
+        """Leader: take agents; standby: send them away (UNAVAILABLE) so they find the leader."""
+        self.loop.call_soon_threadsafe(self.hub.set_accepting, accepting)
 
     def telemetry(self) -> tuple[Sequence[GPUTelemetry], Sequence[ServingTelemetry]]:
         from controller.telemetry import summarise
@@ -83,7 +105,11 @@ class HubRunner:
         return asyncio.run_coroutine_threadsafe(read(), self.loop).result(5)
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(grace=2), self.loop).result(10)
+        async def shutdown() -> None:
+            self.hub.stop_sweeper()
+            await self.server.stop(grace=2)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(15)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 
@@ -101,6 +127,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-dir", type=Path, default=None, help="tls.crt and tls.key for the hub (a Secret)")
     parser.add_argument("--hub-max-streams", type=int, default=0,
                         help="agent streams the hub admits at once; beyond it RESOURCE_EXHAUSTED (0: no limit)")
+    parser.add_argument("--hub-shards", type=int, default=1,
+                        help="hub worker processes sharing the gRPC port, agents spread by connection "
+                        "(1: the hub runs in the controller process)")
     parser.add_argument("--workers", type=int, default=4, help="reconcile workers (passes are I/O-bound)")
     parser.add_argument("--metrics-host", default="127.0.0.1")
     parser.add_argument("--metrics-port", type=int, default=8080, help="0 picks a free port (printed)")
@@ -125,7 +154,9 @@ def run(args: argparse.Namespace) -> int:
     metrics = Metrics()
     hub = None
     if args.grpc_port is not None:
-        hub = HubRunner.start(kube, args.grpc_host, args.grpc_port, args.tls_dir, max_streams=args.hub_max_streams)
+        kube_source = (None if args.in_cluster or args.kubeconfig is None else str(args.kubeconfig), args.context)
+        hub = HubRunner.start(kube, args.grpc_host, args.grpc_port, args.tls_dir, max_streams=args.hub_max_streams,
+                              shards=args.hub_shards, kube_source=kube_source, accepting=not args.leader_elect)
         sys.stdout.write(f"telemetry hub on {args.grpc_host}:{hub.port}\n")
     router = None
     if args.router_url:
@@ -150,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
 
     def started() -> None:
         metrics.is_leader.set(1)
+        if hub is not None:
+            hub.set_accepting(True)  # agents refused while we stood by now reconnect to us
         log.info("%s leads; starting caches and %d workers", args.identity, args.workers)
         try:
             controller.start()
@@ -159,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
 
     def stopped() -> None:
         metrics.is_leader.set(0)
+        if hub is not None:
+            hub.set_accepting(False)
         if not stop.is_set():
             lost.set()
         controller.stop()

@@ -512,6 +512,10 @@ class TelemetryHub:
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.get_running_loop().create_task(self.run_sweeper(), name="hub-stale-sweep")
 
+    def stop_sweeper(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
     async def run_sweeper(self) -> None:
         """The periodic stale sweep; ``start_server`` runs it for the server's lifetime."""
         while True:
