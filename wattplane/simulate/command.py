@@ -33,6 +33,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray", default=None, metavar="ADDRESS",
                         help="run each policy set as a Ray task: 'local' starts Ray here, otherwise a cluster "
                              "address (ray://host:10001 or auto)")
+    cluster = parser.add_argument_group("on a real cluster (the controller, node agents over gRPC, kwok GPU nodes)")
+    cluster.add_argument("--cluster", default=None, metavar="KUBECONFIG",
+                         help="drive the scenario through the real controller against this cluster's API server "
+                              "instead of the in-memory fleet (Wattplane's policy set only)")
+    cluster.add_argument("--context", default=None, help="kubeconfig context for --cluster")
+    cluster.add_argument("--time-scale", type=float, default=1.0,
+                         help="with --cluster: simulated seconds per wall second (e.g. 10 runs 15 min in 90 s; "
+                              "the controller's period is scaled with it)")
+    cluster.add_argument("--ready-timeout", type=float, default=180.0,
+                         help="with --cluster: wall seconds to wait for every minimum replica before load starts")
     parser.add_argument("--dump-snapshots", action="store_true",
                         help="with --out: write each cycle's snapshot (snapshots/<set>/t<seconds>.json) for "
                              "`wattplane plan NAME --snapshot FILE`")
@@ -120,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
     if args.trace:
         scenario = with_trace(scenario, args.trace)
     seed = scenario.seed if args.seed is None else int(args.seed)
+    if args.cluster:
+        return run_on_cluster(args, scenario, seed, path)
     t0 = time.perf_counter()
     try:
         dump = Path(args.out) / "snapshots" if args.out and args.dump_snapshots else None
@@ -149,3 +161,54 @@ def run(args: argparse.Namespace) -> int:
         if args.out:
             sys.stdout.write(f"\nreport: {report}\n")
     return 1 if any(r.invariant_violations for r in results) else 0
+
+
+def run_on_cluster(args: argparse.Namespace, scenario: Scenario, seed: int, path: Path) -> int:
+    """``--cluster``: the scenario through the real controller; same summary and JSON, measured there."""
+    from wattplane.simulate.cluster import ClusterOptions, ClusterRun, ClusterSimError, cluster_json
+    from wattplane.simulate.crs import fleet_policy_spec
+
+    if args.compare or args.ray or args.trace or args.dump_snapshots:
+        sys.stderr.write("wattplane simulate: --cluster runs the scenario's own policy set only "
+                         "(no --compare, --ray, --trace or --dump-snapshots)\n")
+        return 2
+    if args.time_scale <= 0:
+        sys.stderr.write("wattplane simulate: --time-scale must be > 0\n")
+        return 2
+    try:
+        fleet_policy_spec(scenario, scenario.control_period_s)  # what a FleetPolicy cannot say fails before any write
+    except BadInputError as exc:
+        sys.stderr.write(f"wattplane simulate: {exc}\n")
+        return 2
+    out = Path(args.out) if args.out else None
+    options = ClusterOptions(kubeconfig=Path(args.cluster), time_scale=args.time_scale, context=args.context,
+                             ready_timeout_s=args.ready_timeout, log_dir=out)
+    t0 = time.perf_counter()
+    bar = progress_bar(f"{scenario.name}@cluster") if not args.json else None
+    try:
+        report = ClusterRun(scenario, seed, options, path.parent, args.data_dir).run(progress=bar)
+    except (ClusterSimError, MissingDataError) as exc:
+        sys.stderr.write(f"wattplane simulate --cluster: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("wattplane simulate --cluster: interrupted; what the run created was removed\n")
+        return 130
+    wall = time.perf_counter() - t0
+    doc = cluster_json(report, scenario, seed, args.time_scale)
+    doc["wall_s"] = round(wall, 3)
+    tick = args.time_scale * options.tick_s
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_csv(out, report.result, tick)
+        (out / "summary.json").write_text(json.dumps(doc, indent=2))
+        html = write_html(out, scenario.name, scenario.description, [report.result], tick)
+    if args.json:
+        sys.stdout.write(json.dumps(doc) + "\n")
+    else:
+        sys.stdout.write(summary(f"{scenario.name} (cluster, x{args.time_scale:g})", [report.result], wall) + "\n")
+        sys.stdout.write("\nnot measured on a cluster (nan above): " + ", ".join(doc["cluster"]["not_measured"]) + "\n")
+        for note in report.notes:
+            sys.stdout.write(f"note: {note}\n")
+        if out is not None:
+            sys.stdout.write(f"\nreport: {html}\n")
+    return 1 if report.result.invariant_violations else 0

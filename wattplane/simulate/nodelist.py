@@ -32,7 +32,7 @@ def pools_from_node_list(spec: NodeListSpec, base_dir: Path | None = None, data_
         raise BadInputError(f"nodes.path: {path}: not an Alibaba node list (sn,cpu_milli,memory_mib,gpu,model): "
                             f"{exc}") from exc
     gpu_nodes = [n for n in nodes if n.accelerator_model and n.gpus > 0]
-    models = Counter(n.accelerator_model for n in gpu_nodes)
+    models = Counter(str(n.accelerator_model) for n in gpu_nodes)
     unknown = [m for m in spec.models if m not in models]
     if unknown:
         raise BadInputError(f"nodes.models: {unknown} not in {path.name} (it has {sorted(models)})")
@@ -48,8 +48,8 @@ def pools_from_node_list(spec: NodeListSpec, base_dir: Path | None = None, data_
     for model in sorted(sizes):
         for gpus, count in sorted(sizes[model].items()):
             name = model.lower() if len(sizes[model]) == 1 else f"{model.lower()}-{gpus}gpu"
-            n = min(count, spec.max_nodes_per_pool) if spec.max_nodes_per_pool else count
-            pools.append(PoolSpec(name=name, accelerator=alibaba_accelerator(model), nodes=n, gpus_per_node=gpus,
+            size = min(count, spec.max_nodes_per_pool) if spec.max_nodes_per_pool else count
+            pools.append(PoolSpec(name=name, accelerator=alibaba_accelerator(model), nodes=size, gpus_per_node=gpus,
                                   cost_per_device_hour=spec.cost_per_device_hour.get(model, default_cost),
                                   power_domain=spec.power_domain))
     return tuple(pools)
