@@ -60,6 +60,7 @@ RESOURCES: dict[str, Resource] = {
     "Event": Resource("", "v1", "events", True),
     "Deployment": Resource("apps", "v1", "deployments", True),
     "Lease": Resource("coordination.k8s.io", "v1", "leases", True),
+    "PodDisruptionBudget": Resource("policy", "v1", "poddisruptionbudgets", True),
     "AcceleratorPool": Resource("wattplane.io", "v1alpha1", "acceleratorpools", False),
     "PowerDomain": Resource("wattplane.io", "v1alpha1", "powerdomains", False),
     "ModelDeployment": Resource("wattplane.io", "v1alpha1", "modeldeployments", True),
@@ -83,6 +84,13 @@ def load_configuration(kubeconfig: str | Path | None = None, context: str | None
     return cfg
 
 
+class NotLeader(KubeError):
+    """A write refused before it was sent: this instance no longer holds the leader Lease."""
+
+    def __init__(self) -> None:
+        super().__init__(0, "this controller no longer holds the leader Lease; write refused", "NotLeader")
+
+
 class Kube:
     """JSON over the official transport. Thread-safe (urllib3 pool); counts requests by verb."""
 
@@ -94,6 +102,9 @@ class Kube:
         self._lock = threading.Lock()
         self.requests: dict[str, int] = {}
         self.on_request: Any = None  # optional callback(verb)
+        # optional write fence: returns False once this instance must not write (lost or lapsed Lease);
+        # Lease requests themselves are exempt (that is how leadership is won and renewed)
+        self.may_write: Any = None
 
     @classmethod
     def from_config(cls, kubeconfig: str | Path | None = None, context: str | None = None) -> Kube:
@@ -122,6 +133,8 @@ class Kube:
         )
         if query:
             url += "?" + urlencode({k: str(v).lower() if isinstance(v, bool) else v for k, v in query.items()})
+        if method != "GET" and self.may_write is not None and "/leases" not in path and not self.may_write():
+            raise NotLeader
         verb = "watch" if stream else method.lower()
         self._count(verb)
         resp = self.api.rest_client.request(  # type: ignore[no-untyped-call]

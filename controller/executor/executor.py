@@ -18,6 +18,7 @@ from typing import Any
 from controller.api import models as api
 from controller.executor import render as r
 from controller.executor.ports import AgentPort, ClusterPort, RouterPort
+from controller.faults import fault_point
 from policies.plan import Plan, SetExpertPlacement, SetPowerCap, SetReplicas, SetRoutingShare
 
 
@@ -260,8 +261,10 @@ class Executor:
         if change.op == "apply":
             assert obj is not None
             self.cluster.apply(obj)
+            fault_point("executor.after_apply")
         else:
             self.cluster.delete(change.kind, change.namespace, change.name)
+            fault_point("executor.after_delete")
 
     # -- whole-fleet actions --------------------------------------------------------------------
     def apply_plan(
@@ -299,6 +302,7 @@ class Executor:
             if isinstance(action, SetPowerCap) and self.agents is not None:
                 if not dry_run:
                     self.agents.set_power_cap(action)
+                    fault_point("executor.after_cap")
                 done.append(f"cap {action.node}/{action.gpu} at {action.power_limit_w} W")
             elif isinstance(action, SetRoutingShare) and self.router is not None:
                 if not dry_run:

@@ -24,6 +24,7 @@ from controller.api import models as api
 from controller.executor import render as r
 from controller.executor.executor import DisruptionBudget, Executor, desired_from_plan, observe
 from controller.executor.ports import AgentPort, RouterPort
+from controller.faults import fault_point
 from controller.kube import Kube, KubeClusterPort, KubeError
 from controller.metrics import Metrics
 from controller.pipeline import run_pipeline, shortfall
@@ -476,6 +477,7 @@ class Controller:
         status = deployment_status(md, {p: n for p, n in desired.items() if n}, observed, built.pools, problem,
                                    decision, iso_now(wall), effects_of(plans, key, nodes, md.status))
         changes = "; ".join(str(c) for c in result.changes)
+        fault_point("reconcile.before_status")
         self._write_status(obj, md, status, problem, decision, dry, changes)
         if stale_s:  # one deferred re-plan for everybody, not one requeue per deployment
             self.queue.add_after(FLEET, stale_s + 0.05)

@@ -43,6 +43,7 @@ class LeaderElector:
         self.transitions = 0
         self._observed: tuple[str, str] | None = None  # (holder, renewTime) last seen
         self._observed_at = 0.0  # our clock when it last changed
+        self.last_renew = -1e18  # our clock at the last successful acquire/renew
 
     def _body(self, prev: dict[str, Any] | None, acquire: bool) -> dict[str, Any]:
         now = micro_time(self.wall())
@@ -105,19 +106,19 @@ class LeaderElector:
         if stop.is_set():
             return
         log.info("%s became leader", self.identity)
+        self.last_renew = self.clock()
         self.is_leader.set()
         on_started()
-        last_renew = self.clock()
         while not stop.wait(self.retry_s):
             try:
                 if self.try_acquire_or_renew():
-                    last_renew = self.clock()
+                    self.last_renew = self.clock()
                     continue
                 log.error("%s lost the lease to another holder", self.identity)
                 break
             except Exception as exc:
                 log.warning("renewing lease failed: %s", exc)
-            if self.clock() - last_renew > self.renew_deadline_s:
+            if self.clock() - self.last_renew > self.renew_deadline_s:
                 log.error("%s could not renew the lease within %.1fs", self.identity, self.renew_deadline_s)
                 break
         was_stopped = stop.is_set()
@@ -125,6 +126,16 @@ class LeaderElector:
         if was_stopped:
             self.release()
         on_stopped()
+
+    def holds(self) -> bool:
+        """Whether this instance may still act: it leads and renewed within the renew deadline.
+
+        The write fence: a leader paused (SIGSTOP, a long GC, a frozen VM) past the Lease's expiry
+        resumes with threads mid-pass and a stale cache; its renew loop notices the loss only on its
+        next round. Checked before every write, this refuses them from the moment the deadline passed
+        on our own monotonic clock, which keeps counting while the process is stopped.
+        """
+        return self.is_leader.is_set() and self.clock() - self.last_renew <= self.renew_deadline_s
 
     def release(self) -> None:
         """Give the lease up (graceful shutdown) so a standby need not wait for it to expire."""

@@ -85,6 +85,7 @@ class TestCluster:
     ports: dict[str, int]
     token: str
     pids: dict[str, int] = field(default_factory=dict)
+    args: dict[str, list[str]] = field(default_factory=dict)  # each component's command line, for a restart
     etcd_dir: Path | None = None
     owns_state_dir: bool = True
     die_with_parent: bool = False  # tests: a crashed or killed test run takes its cluster with it
@@ -305,6 +306,7 @@ class TestCluster:
         )
 
     def _spawn(self, name: str, args: list[str]) -> None:
+        self.args[name] = list(args)
         log = (self.state_dir / "logs").joinpath(f"{name}.log")
         log.parent.mkdir(exist_ok=True)
         with log.open("ab") as fh:
@@ -401,6 +403,49 @@ class TestCluster:
         else:
             with contextlib.suppress(FileNotFoundError):
                 (self.state_dir / "cluster.json").unlink()
+
+    # -- faults (chaos tests): one component down and back, same data dir, ports and certificates ----
+    def stop_component(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> float:
+        """Stop one component (its whole process group); SIGKILL if it outlives ``timeout_s``.
+        Returns the seconds it took to exit. The etcd data directory and all state stay."""
+        pid = self.pids.pop(name, None)
+        if pid is None:
+            raise TestClusterError(f"{name} is not running")
+        start = time.monotonic()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+        deadline = start + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                waited, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if waited:
+                break
+            time.sleep(0.05)
+        else:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        return time.monotonic() - start
+
+    def start_component(self, name: str, timeout_s: float = 90.0) -> float:
+        """Start a stopped component again with its original command line; wait until it serves
+        (etcd /health, kube-apiserver /readyz). Returns the seconds that took."""
+        if name in self.pids:
+            raise TestClusterError(f"{name} is already running")
+        if name not in self.args:
+            raise TestClusterError(f"{name} was never started by this TestCluster")
+        start = time.monotonic()
+        self._spawn(name, self.args[name])
+        deadline = start + timeout_s
+        if name == "etcd":
+            self._wait_http(f"http://127.0.0.1:{self.ports['etcd']}/health", deadline, "etcd")
+        elif name == "kube-apiserver":
+            self._wait_http(f"{self.server}/readyz", deadline, "kube-apiserver", auth=True)
+        self._write_state()
+        return time.monotonic() - start
 
     def __enter__(self) -> TestCluster:
         return self
