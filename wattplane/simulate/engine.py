@@ -82,6 +82,7 @@ P99_WAIT_FACTOR = TTFT_P99_WAIT_FACTOR  # the latency model is policies.profiles
 MOE_EXPERT_SHARE = 0.5
 RHO_SMOOTHING_S = 20.0  # utilisation in the latency formulas: EWMA of offered load over ~20 s
 TPOT_LOW, TPOT_SLOPE = TPOT_P99_IDLE, TPOT_P99_SLOPE  # TPOT p99 = median ITL x (0.6 + 0.8 rho)
+POWER_CACHE_MAX = 100_000  # memoised power-model calls (~20 MB at most)
 
 
 @dataclass
@@ -104,8 +105,10 @@ class Simulation:
                  policy_set: str = "wattplane", profiles: ProfileTable | None = None,
                  progress: Callable[[float], None] | None = None, check_invariants: bool = True,
                  on_snapshot: Callable[[Snapshot], None] | None = None, base_dir: Path | None = None,
-                 data_dir: str | None = None) -> None:
+                 data_dir: str | None = None,
+                 on_cycle: Callable[[float, PipelineState], None] | None = None) -> None:
         self.scenario = scenario
+        self.on_cycle = on_cycle  # after each pipeline run: (sim time, the state carried on); soak probes
         self.pipeline = pipeline
         self.load = load
         self.policy_set = policy_set
@@ -286,6 +289,8 @@ class Simulation:
         if v is None:
             spec = self.fleet.spec(pool)
             v = power_model.gpu_power_w(spec, key[1], key[2], None if math.isnan(cap) else cap)
+            if len(self._power_cache) >= POWER_CACHE_MAX:  # caps take many values over a long run: stay bounded
+                self._power_cache.clear()
             self._power_cache[key] = v
         return v
 
@@ -389,13 +394,15 @@ class Simulation:
             if f.desired[d, p] or self.ready[d, p]
         )
         pods: list[Pod] = []
+        live: dict[tuple[int, bytes], list[Pod]] = {}
         for r in sorted(f.replicas.values(), key=lambda r: r.id):
             key = (r.id, r.gpus.tobytes())
             cached = self._pod_cache.get(key)
             if cached is None:
                 cached = self._replica_pods(r)
-                self._pod_cache[key] = cached
+            live[key] = cached
             pods.extend(cached)
+        self._pod_cache = live  # only live replicas: ids are never reused, so removed ones' pods would pile up
         for d in range(len(self.domains)):
             for p in range(len(sc.pools)):
                 for k in range(f.pending(d, p)):
@@ -584,6 +591,8 @@ class Simulation:
                 result = run_pipeline(snapshot, self.pipeline, state, clock=time.perf_counter)
                 t2 = time.perf_counter()
                 state = result.state
+                if self.on_cycle is not None:
+                    self.on_cycle(now, state)
                 unavailable.update(result.unavailable)
                 report = ApplyReport()
                 for plan in result.plans:

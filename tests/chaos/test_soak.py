@@ -1,0 +1,51 @@
+"""Soak, short versions (issue 12 item 6): the simulated fleet over two simulated hours and the real
+controller under ~2.5 minutes of ModelDeployment and node churn. Each prints what it tried and what it
+measured, appends a record to ``$WATTPLANE_CHAOS_RESULTS`` when set, and fails past the stated bounds.
+The long runs (24 simulated hours, 30 minutes of churn) are ``wattplane soak sim|churn``; their
+figures are in docs/reliability.md ``## Soak``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from wattplane.soak.command import chaos_record, format_report
+from wattplane.soak.probe import write_chaos_records
+from wattplane.testcluster import TestCluster
+
+pytestmark = pytest.mark.chaos
+
+
+def _show(kind: str, report: dict[str, object]) -> None:
+    print(f"\n{format_report({'soak': kind, 'quick': True, **report})}", flush=True)
+
+
+def test_sim_soak_short_memory_flat_latency_steady() -> None:
+    from wattplane.soak.sim import run_sim_soak
+
+    report = run_sim_soak(gpus=600, hours=2.0, seed=3, window_h=0.5)
+    _show("sim", report)
+    write_chaos_records([chaos_record("simulated soak 600 GPUs x 2 h", report)])
+    assert report["run"]["cycles"] == 119 and report["run"]["invariant_violations"] == 0  # type: ignore[index]
+    containers = report["containers"]
+    assert isinstance(containers, dict)
+    # the fleet's own tables may grow with the load; the simulator's caches must not outgrow it
+    assert containers["sim._pod_cache"]["last_mean"] <= containers["fleet.replicas"]["last_mean"] + 8
+    assert report["failures"] == [], json.dumps(report["failures"])
+
+
+@pytest.mark.cluster
+def test_controller_churn_soak_short(test_cluster: TestCluster) -> None:
+    from wattplane.soak.churn import run_churn_soak
+
+    report = run_churn_soak(minutes=2.5, sample_s=5.0, window_s=45.0, nodes=12, seed=11, cluster=test_cluster,
+                            progress=True)
+    _show("churn", report)
+    write_chaos_records([chaos_record("controller churn soak 2.5 min", report)])
+    churn = report["churn"]
+    assert isinstance(churn, dict)
+    tried = {k for k in churn if not k.startswith(("error", "skipped"))}
+    assert {"created", "scaled", "edited", "deleted", "nodes_added", "bad_cel_refused"} <= tried, churn
+    assert report["data_lost"] == 0 and report["orphans"] == 0
+    assert report["failures"] == [], json.dumps(report["failures"])

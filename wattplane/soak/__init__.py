@@ -1,0 +1,1 @@
+"""Soak runs: long simulations and controller churn, watched for leaks and drift."""
