@@ -288,3 +288,67 @@ def test_recent_max_rise_keeps_room_for_the_largest_recent_jump() -> None:
     memory = state.domains["row"]
     assert volatility_allowance(memory, PowerConfig(recent_max_rise=True)) == pytest.approx(600.0)
     assert volatility_allowance(memory, PowerConfig()) < 600.0
+
+
+# -- the vectorised path (large domains) is the scalar model, bit for bit ------------------------
+
+A100 = AcceleratorSpec(
+    model="A100-80GB", memory_gib=80, bf16_tflops=312, hbm_gbps=2039, tdp_w=400, min_power_w=150, max_power_w=400
+)
+gpu_rows = st.lists(
+    st.tuples(
+        st.floats(min_value=0.0, max_value=1.0),  # draw as a share of TDP
+        st.sampled_from([None, 0.0, 0.05, 0.3, 1.0]),  # prompt share (None: unknown)
+        st.sampled_from([None, 0.9, 0.7, 0.5, 0.43, 0.3]),  # limit in force x TDP
+        st.sampled_from([BE, STD, LC]),
+        st.booleans(),  # A100 instead of H100
+        st.sampled_from([None, 0.0, 3.0, 10.0]),  # capped since (None: no memory of this GPU)
+    ),
+    min_size=1, max_size=24,
+)
+
+
+def mixed_snapshot(rows: list[tuple[float, float | None, float | None, PriorityClass, bool, float | None]],
+                   now: float) -> tuple[Snapshot, PowerState]:
+    tel, nodes, memory = [], [], {}
+    for i, (share, prefill, limit, prio, a100, since) in enumerate(rows):
+        spec = A100 if a100 else H100
+        cap = None if limit is None else max(spec.min_power_w, limit * spec.tdp_w)
+        draw = share * spec.tdp_w if cap is None else min(share * spec.tdp_w, cap)
+        tel.append(GPUTelemetry(node=f"n{i}", index=0, power_w=draw, priority=prio, power_limit_w=cap,
+                                prefill_fraction=prefill))
+        nodes.append(Node(name=f"n{i}", pool="a100" if a100 else "h100", gpus=1, power_domain="row"))
+        if since is not None:
+            memory[f"n{i}/0"] = {"demand_w": 0.6 * spec.tdp_w, "capped_since": since}
+    snap = Snapshot(now=now, pools=(Pool(name="h100", accelerator=H100, gpus_per_node=1, cost_per_device_hour=2.0),
+                                    Pool(name="a100", accelerator=A100, gpus_per_node=1, cost_per_device_hour=1.0)),
+                    nodes=tuple(nodes), power_domains=(PowerDomain(name="row", budget_w=1.0, safety_margin=0.05),),
+                    gpu_telemetry=tuple(tel))
+    return snap, PowerState.model_validate({"gpus": memory})
+
+
+@settings(max_examples=80, deadline=None)
+@given(rows=gpu_rows, allow_lower=st.booleans(), capacity_share=st.floats(min_value=0.2, max_value=1.1),
+       queue_aware=st.booleans())
+def test_option_table_and_its_greedy_equal_the_scalar_options_and_greedy(
+    rows: list[tuple[float, float | None, float | None, PriorityClass, bool, float | None]], allow_lower: bool,
+    capacity_share: float, queue_aware: bool,
+) -> None:
+    from policies.power import domain_gpus, option_table, options_for, solve_greedy_table
+
+    snap, state = mixed_snapshot(rows, now=8.0)
+    config = PowerConfig(queue_aware=queue_aware)
+    gpus, _ = domain_gpus(snap, snap.power_domains[0], state)
+    levels = {spec: cap_levels(spec, config) for spec in {g.spec for g in gpus}}
+    table = option_table(gpus, config, allow_lower, snap.now, state.gpus, levels)
+    scalar = [options_for(g, config, allow_lower, snap.now, state.gpus.get(g.key), levels[g.spec]) for g in gpus]
+    assert table.rows() == scalar  # same options, same order, same floats
+    capacity = capacity_share * sum(o[0].power_w for o in scalar)
+    assert solve_greedy_table(table, capacity) == solve_greedy(scalar, capacity)
+
+
+def test_state_json_is_what_the_state_model_writes() -> None:
+    snap, state = mixed_snapshot([(0.9, 0.2, 0.7, BE, False, 0.0), (0.5, None, None, LC, True, None)], now=20.0)
+    snap = snap.model_copy(update={"power_domains": (PowerDomain(name="row", budget_w=600.0),)})
+    plan = plan_power(snap, PowerConfig(), state)
+    assert PowerState.model_validate(plan.state).model_dump(mode="json") == plan.state
