@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit cluster-binaries protos crds constraints chaos bench clean
+.PHONY: demo test lint typecheck unit cluster-binaries protos crds constraints chaos soak bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,14 @@ chaos: $(STAMP) cluster-binaries
 	WATTPLANE_TESTCLUSTER_BIN="$$(bash hack/testcluster/build.sh | tail -n1)" \
 	  $(BIN)/python -m pytest -s -q tests/chaos tests/telemetry/test_tls.py $(PYTEST_ARGS); \
 	  rc=$$?; $(BIN)/python -m tests.chaos.records $(CHAOS_RESULTS) || rc=1; exit $$rc
+
+## Soak (long: ~1 h + ~35 min on 2 cores): the 10,000-GPU simulated fleet for 24 simulated hours, then the
+## controller on the test cluster under 30 min of ModelDeployment/node churn. Each prints memory growth and
+## latency drift and fails past its bounds (see `wattplane soak sim|churn --help`); docs/reliability.md "## Soak".
+soak: $(STAMP) cluster-binaries
+	nice -n 10 $(BIN)/wattplane soak sim --hours 24 --out out/soak/sim24.json --rows out/soak/sim24.rows.jsonl
+	WATTPLANE_TESTCLUSTER_BIN="$$(bash hack/testcluster/build.sh | tail -n1)" \
+	  nice -n 10 $(BIN)/wattplane soak churn --minutes 30 --out out/soak/churn30.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

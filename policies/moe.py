@@ -87,7 +87,9 @@ def plan_moe(
     reasons: list[Reason] = []
     summaries: list[str] = []
     metrics: dict[str, float] = {}
-    last = dict(state.last_rebalance_s)
+    # only deployments that still exist: a deleted one's entry would ride along in every State forever
+    names = {d.name for d in snapshot.deployments}
+    last = {k: v for k, v in state.last_rebalance_s.items() if k in names}
     solve_s = 0.0
     for dep in snapshot.deployments:
         if dep.model.moe is None or dep.moe_elasticity is None or dep.name not in loads:

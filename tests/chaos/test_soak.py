@@ -7,44 +7,48 @@ figures are in docs/reliability.md ``## Soak``."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
-from wattplane.soak.command import chaos_record, format_report
-from wattplane.soak.probe import write_chaos_records
+from tests.chaos.records import ChaosRecorder
+from wattplane.soak.command import format_report
 from wattplane.testcluster import TestCluster
 
 pytestmark = pytest.mark.chaos
 
 
-def _show(kind: str, report: dict[str, object]) -> None:
+def _show(kind: str, report: dict[str, Any]) -> None:
     print(f"\n{format_report({'soak': kind, 'quick': True, **report})}", flush=True)
 
 
-def test_sim_soak_short_memory_flat_latency_steady() -> None:
+def _record(chaos: ChaosRecorder, fault: str, report: dict[str, Any]) -> None:
+    chaos.write(fault, not report["failures"], int(report.get("data_lost", 0)), report.get("time_to_converge_s"),
+                {"failures": report["failures"], "memory": report["memory"], "latency": report["latency"]})
+
+
+def test_sim_soak_short_memory_flat_latency_steady(chaos: ChaosRecorder) -> None:
     from wattplane.soak.sim import run_sim_soak
 
     report = run_sim_soak(gpus=600, hours=2.0, seed=3, window_h=0.5)
     _show("sim", report)
-    write_chaos_records([chaos_record("simulated soak 600 GPUs x 2 h", report)])
-    assert report["run"]["cycles"] == 119 and report["run"]["invariant_violations"] == 0  # type: ignore[index]
+    _record(chaos, "soak: simulated 600 GPUs x 2 h", report)
+    assert report["run"]["cycles"] == 119 and report["run"]["invariant_violations"] == 0
     containers = report["containers"]
-    assert isinstance(containers, dict)
     # the fleet's own tables may grow with the load; the simulator's caches must not outgrow it
     assert containers["sim._pod_cache"]["last_mean"] <= containers["fleet.replicas"]["last_mean"] + 8
     assert report["failures"] == [], json.dumps(report["failures"])
 
 
 @pytest.mark.cluster
-def test_controller_churn_soak_short(test_cluster: TestCluster) -> None:
+def test_controller_churn_soak_short(test_cluster: TestCluster, chaos: ChaosRecorder) -> None:
     from wattplane.soak.churn import run_churn_soak
 
     report = run_churn_soak(minutes=2.5, sample_s=5.0, window_s=45.0, nodes=12, seed=11, cluster=test_cluster,
                             progress=True)
     _show("churn", report)
-    write_chaos_records([chaos_record("controller churn soak 2.5 min", report)])
+    _record(chaos, "soak: controller churn 2.5 min", report)
     churn = report["churn"]
-    assert isinstance(churn, dict)
     tried = {k for k in churn if not k.startswith(("error", "skipped"))}
     assert {"created", "scaled", "edited", "deleted", "nodes_added", "bad_cel_refused"} <= tried, churn
     assert report["data_lost"] == 0 and report["orphans"] == 0

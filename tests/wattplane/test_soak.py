@@ -78,7 +78,8 @@ def test_chaos_records_go_to_the_env_path(tmp_path: Path, monkeypatch: pytest.Mo
     bad = chaos_record("soak", {"failures": ["RSS grew"]})
     write_chaos_records([ok, bad])
     lines = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [(x["tried"], x["survived"], x["data_lost"]) for x in lines] == [(1, 1, 0), (1, 0, 0)]
+    assert [(x["tried"], x["survived"], x["data_lost"]) for x in lines] == [(1, True, 0), (1, False, 0)]
+    assert lines[1]["detail"]["failures"] == ["RSS grew"]
     assert lines[0]["time_to_converge_s"] == 4.2
     monkeypatch.delenv("WATTPLANE_CHAOS_RESULTS")
     assert write_chaos_records([ok]) is None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,11 +97,18 @@ def _churn_bounds(args: argparse.Namespace) -> dict[str, float]:
             "max_latency_drift": args.max_latency_drift, "max_stale_series": args.max_stale_series}
 
 
-def chaos_record(fault: str, report: dict[str, Any]) -> dict[str, Any]:
-    """The chaos results line: one soak is one fault tried; it survived when every bound held."""
-    ok = not report["failures"]
-    return {"fault": fault, "tried": 1, "survived": int(ok), "data_lost": int(report.get("data_lost", 0)),
-            "time_to_converge_s": report.get("time_to_converge_s"), "failures": report["failures"]}
+def chaos_record(fault: str, report: dict[str, Any], test: str = "wattplane soak") -> dict[str, Any]:
+    """The chaos results line (``tests/chaos/records.py``'s format): one soak is one fault tried; it
+    survived when every bound held."""
+    detail = {"failures": report["failures"]}
+    for key in ("memory", "latency", "churn", "orphans"):
+        if key in report:
+            detail[key] = report[key]
+    converge = report.get("time_to_converge_s")
+    return {"test": test, "fault": fault, "tried": 1, "survived": not report["failures"],
+            "data_lost": int(report.get("data_lost", 0)),
+            "time_to_converge_s": None if converge is None else round(float(converge), 3), "detail": detail,
+            "at": time.time()}
 
 
 def _progress(quiet: bool) -> Any:

@@ -118,6 +118,7 @@ def write_chaos_records(records: list[dict[str, Any]]) -> Path | None:
     path = os.environ.get("WATTPLANE_CHAOS_RESULTS")
     if not path:
         return None
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         for r in records:
             fh.write(json.dumps(r) + "\n")

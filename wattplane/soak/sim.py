@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,8 @@ class SimProbe:
 
     def __init__(self, state_every: int = 10, rows_file: str | None = None) -> None:
         self.sim: Simulation | None = None
+        if rows_file:
+            Path(rows_file).parent.mkdir(parents=True, exist_ok=True)
         self.rows_file = open(rows_file, "a") if rows_file else None  # noqa: SIM115 - a long run's samples as they come
         self.state_every = state_every
         self.rows: list[dict[str, Any]] = []
