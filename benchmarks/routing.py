@@ -16,9 +16,10 @@ llama-3.1-70b on 4 x H100 (large; optionally power-capped) and one of llama-3.1-
 (fallback), capacities from ``policies/profiles.py``. Each replica is a FIFO server with the
 profile's throughput (service time ``O/out + P/in``); a request meets the SLO when its queueing
 delay plus its own prefill (``P/in``) is within the deployment's TTFT p99 SLO (2 s).
-Every ``--period`` seconds a method sees the offered load of the previous period (tokens/s) and
-sets a fallback share; requests are routed by the same code as the Ray Serve router
-(``controller.dataplane.table.TableHolder``: the share applied as a quantile of recent scores).
+Every ``--period`` seconds a method sees the offered load of the previous period (tokens/s), the
+large model's queue (requests waiting) and its TTFT p99 over that period — the serving telemetry a
+controller scrapes from the engines — and sets a fallback share; requests are routed by the same code
+as the Ray Serve router (``controller.dataplane.table.TableHolder``: the share applied as a quantile of recent scores).
 
 Methods: ``wattplane`` (``plan_routing``: LP + hysteresis), ``threshold`` (a fixed share, the
 smallest on a 0.05 grid whose SLO attainment matches ours — "at equal SLO attainment"),
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +54,7 @@ from policies.snapshot import (
     Parallelism,
     Pool,
     ReplicaSet,
+    ServingTelemetry,
     Snapshot,
 )
 from wattplane.datasets import Request, data_file, load_azure_trace
@@ -172,19 +175,28 @@ def simulate(
     holder = TableHolder()
     version = 0
     next_tick = 0.0
-    window_out = window_in = 0.0
+    window_out = window_in = window_n = 0.0
+    large_ttfts: list[float] = []  # TTFTs of the large model's requests this period (its engine's metric)
+    large_starts: deque[float] = deque()  # start-of-service times of the large model's requests (FIFO)
     correct = met = large_calls = 0.0
     for i, (t, p, o) in enumerate(arrivals):
         while t >= next_tick:
-            share = decide_share(next_tick, window_out / period, window_in / period)  # type: ignore[operator]
+            while large_starts and large_starts[0] <= next_tick:
+                large_starts.popleft()
+            telemetry = {"queue_depth": float(len(large_starts)), "requests_per_s": window_n / period,
+                         "ttft_p99_ms": 1000 * float(np.quantile(large_ttfts, 0.99)) if large_ttfts else 0.0}
+            share = decide_share(next_tick, window_out / period, window_in / period,  # type: ignore[operator]
+                                 telemetry)
             version += 1
             holder.offer(RoutingTable(version=version, deployment="big", fallback="small",
                                       threshold=threshold_for_share(classes, share), fallback_share=share, ttl_s=1e9),
                          now=next_tick)
-            window_out = window_in = 0.0
+            window_out = window_in = window_n = 0.0
+            large_ttfts = []
             next_tick += period
         window_out += o
         window_in += p
+        window_n += 1
         large = large_at(t)  # type: ignore[operator]
         score, small_ok, large_ok = labels[i % len(labels)]
         use_small, _ = holder.decide(score, t)
@@ -193,6 +205,9 @@ def simulate(
         start = max(t, heap[0])
         heapq.heapreplace(heap, start + o / srv.out_tok_s + p / srv.in_tok_s)
         ttft = start - t + p / srv.in_tok_s
+        if not use_small:
+            large_ttfts.append(ttft)
+            large_starts.append(start)
         met += ttft <= slo_s
         correct += small_ok if use_small else large_ok
         large_calls += not use_small
@@ -268,17 +283,24 @@ def capacity_case(
     config = RoutingConfig(classes=classes)
     state = [RoutingState()]
 
-    def ours(now: float, out_rate: float, in_rate: float) -> float:
-        # the controller sees the caps in force now (agent telemetry), and last period's load
-        snap = base.model_copy(update={"now": now, "gpu_telemetry": telemetry if capped_at(now) else (), "demand": (
-            Demand(deployment="big", output_tokens_per_s=out_rate, input_tokens_per_s=in_rate),)})
+    def ours(now: float, out_rate: float, in_rate: float, serving: dict[str, float]) -> float:
+        # the controller sees the caps in force now (agent telemetry), last period's load and the
+        # large model's queue and TTFT p99 (engine metrics)
+        snap = base.model_copy(update={
+            "now": now, "gpu_telemetry": telemetry if capped_at(now) else (),
+            "demand": (Demand(deployment="big", output_tokens_per_s=out_rate, input_tokens_per_s=in_rate,
+                              requests_per_s=serving["requests_per_s"]),),
+            "serving": (ServingTelemetry(deployment="big", requests_per_s=serving["requests_per_s"],
+                                         output_tokens_per_s=out_rate, input_tokens_per_s=in_rate,
+                                         queue_depth=serving["queue_depth"], ttft_p99_ms=serving["ttft_p99_ms"]),),
+        })
         plan = plan_routing(snap, config, state[0])
         state[0] = RoutingState.model_validate(plan.state)
         (a,) = [x for x in plan.actions if isinstance(x, SetRoutingShare)]
         return a.fallback_share
 
     def fixed(share: float) -> object:
-        return lambda now, o, i: share
+        return lambda now, o, i, serving: share
 
     methods: dict[str, dict[str, float]] = {}
     res = simulate(arrivals, labels, large_at, small, slo_s, period, ours, classes)

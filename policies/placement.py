@@ -90,6 +90,10 @@ class PlacementConfig(Frozen):
     # the deployment has been watched for less than the window its current capacity is kept (the
     # first forecast is one period of noise; the initial fleet's headroom must not go on it)
     scale_down_window_s: NonNegFloat = 300.0
+    # a fallback is its large model's overflow valve and a replica takes a minute or more to start:
+    # it keeps ready capacity for this multiple of the large model's current (post-routing) load, so
+    # the routing shift in a burst lands on running replicas (2: the large model's load triples)
+    fallback_surge: NonNegFloat = 2.0
 
     def instance_params(self, unlimited_capacity: bool = False) -> InstanceParams:
         return InstanceParams(
@@ -668,6 +672,7 @@ def plan_placement(
     if not snapshot.deployments or not snapshot.pools:
         return noop_plan(PolicyName.PLACEMENT, "no deployments or pools to place", state.model_dump(mode="json"))
     inst = build_instance(snapshot, profiles or default_table(), config.instance_params())
+    inst = with_need(inst, fallback_reserve(inst, snapshot, config.fallback_surge))
     inst, state = stabilise(inst, snapshot.now, config, state)
     try:
         sol = optimise(inst, config)
@@ -681,6 +686,30 @@ def plan_placement(
                            "greedy", state=_next_state(state, inst, r))
     solve_ms = (clock() - t0) * 1000 if clock else sol.solve_ms
     return to_plan(inst, sol, state, solve_ms, from_clock=clock is not None)
+
+
+def fallback_reserve(inst: Instance, snapshot: Snapshot, surge: float) -> FloatArray:
+    """Need with each fallback's burst reserve: ``surge`` x its large model's output demand, at the
+    fallback's own target utilisation.
+
+    Routing sends a burst's overflow to the fallback at once, but placement can only add fallback
+    replicas that are ready a start-up later; sized for today's routed share alone, a fallback is
+    scaled down in the quiet and the next burst queues on it (the fallback-under-load scenario).
+    The large model runs near its target utilisation under routing, so a burst of ``1 + surge`` x
+    its load overflows ``surge`` x its load onto the fallback. The reserve is ordinary need (priced
+    like demand, bounded by the fallback's ``max_replicas`` and its pools), so it costs money in
+    the quiet: ``fallback_surge = 0`` turns it off.
+    """
+    need = inst.need.copy()
+    if surge <= 0:
+        return need
+    index = {name: m for m, name in enumerate(inst.deployments)}
+    for dep in snapshot.deployments:
+        if dep.fallback is None or dep.name not in index or dep.fallback.deployment not in index:
+            continue
+        fb = snapshot.deployment(dep.fallback.deployment)
+        need[index[fb.name]] += surge * inst.demand_out[index[dep.name]] / max(fb.target_utilisation, 1e-6)
+    return need
 
 
 def stabilise(inst: Instance, now: float, config: PlacementConfig,

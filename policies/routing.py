@@ -15,9 +15,17 @@ chooses the fraction of each class sent to the fallback that maximises expected 
   decision is one score threshold the data plane can apply per request.
 
 Capacity shortfalls are slack variables with a large penalty, so the LP is always feasible.
+
+Queue-aware: demand is last period's offered load, which lags a surge and hides work already
+waiting. So the large model's serving telemetry adjusts the inputs (:func:`pressure`): requests
+queued at the large model add the rate that drains them within ``drain_s``, and a measured TTFT
+p99 above ``ttft_pressure`` x its SLO lowers the target utilisation in proportion — traffic moves
+to the fallback *before* requests queue past the SLO, not after.
+
 Hysteresis: traffic shifts to the fallback at once when the target utilisation needs it, but
 shifts back only as far as a lower *release* utilisation allows (``release_margin`` below the
-target), so a load hovering at the edge does not flap the table. The last decision (share,
+target), and not at all while the large model still shows a queue or a TTFT p99 above
+``ttft_release`` x its SLO, so a load hovering at the edge does not flap the table. The last decision (share,
 threshold, version) lives in :class:`RoutingState`; the version increments whenever the table
 changes, and every cycle re-emits the current table so the executor can refresh its TTL.
 
@@ -69,6 +77,11 @@ class RoutingConfig(Frozen):
     release_margin: Fraction = 0.15  # shift back only while utilisation stays below target - margin
     time_limit_s: PosFloat = 1.0
     fixed_fallback_share: Fraction | None = None  # plan_threshold only; None: the most the floor allows
+    drain_s: PosFloat = 30.0  # requests queued at the large model should be drained within this long
+    ttft_pressure: Fraction = 0.6  # measured TTFT p99 above this x SLO lowers the target utilisation
+    ttft_release: Fraction = 0.4  # shift back only while TTFT p99 is below this x SLO (and nothing queues)
+    min_utilisation_factor: Fraction = 0.5  # TTFT pressure lowers the target utilisation at most to this x
+    queue_release: NonNegFloat = 1.0  # requests queued at the large model above which nothing shifts back
     profiles: ProfileTable = Field(default_factory=default_table)
 
 
@@ -92,6 +105,16 @@ class Capacity(Frozen):
     tokens_per_s: NonNegFloat  # at 100% utilisation, with power caps applied
     demand_tokens_per_s: NonNegFloat  # offered output tokens/s (before routing)
     cap_factor: Fraction = 1.0  # capacity lost to power caps (1 = none)
+
+
+class Pressure(Frozen):
+    """What the large model's serving telemetry says beyond offered load."""
+
+    backlog_tokens_per_s: NonNegFloat = 0.0  # extra output tokens/s that drain its queue within drain_s
+    utilisation_factor: Fraction = 1.0  # multiplies the target utilisation (1: latency within bounds)
+    blocks_release: bool = False  # still queueing or slow: do not shift traffic back yet
+    queue_depth: NonNegFloat = 0.0
+    ttft_p99_ms: NonNegFloat = 0.0
 
 
 class LPResult(Frozen):
@@ -136,6 +159,35 @@ def capacity(snapshot: Snapshot, deployment: ModelDeployment, profiles: ProfileT
         uncapped += serving * prof.tokens_per_s_capacity(input_share)
     factor = total / uncapped if uncapped > 0 else 1.0
     return Capacity(tokens_per_s=total, demand_tokens_per_s=out_demand, cap_factor=min(factor, 1.0))
+
+
+def pressure(snapshot: Snapshot, deployment: ModelDeployment, config: RoutingConfig) -> Pressure:
+    """Queue and latency pressure on ``deployment`` from its serving telemetry (none: no pressure).
+
+    The queue is in requests; its tokens are the queue times the mean output tokens per request
+    (serving telemetry's, else the demand's). The utilisation factor is
+    ``ttft_pressure * SLO / TTFT p99`` when that is below 1, never below ``min_utilisation_factor``.
+    """
+    serving = next((t for t in snapshot.serving if t.deployment == deployment.name), None)
+    if serving is None:
+        return Pressure()
+    demand = next((d for d in snapshot.demand if d.deployment == deployment.name), None)
+    per_request = 0.0
+    if serving.requests_per_s > 0:
+        per_request = serving.output_tokens_per_s / serving.requests_per_s
+    elif demand is not None and demand.requests_per_s > 0:
+        per_request = demand.output_tokens_per_s / demand.requests_per_s
+    slo_ms = deployment.slo.ttft_p99_ms
+    factor = 1.0
+    if serving.ttft_p99_ms > config.ttft_pressure * slo_ms:
+        factor = max(config.ttft_pressure * slo_ms / serving.ttft_p99_ms, config.min_utilisation_factor)
+    return Pressure(
+        backlog_tokens_per_s=serving.queue_depth * per_request / config.drain_s,
+        utilisation_factor=factor,
+        blocks_release=serving.queue_depth > config.queue_release or serving.ttft_p99_ms > config.ttft_release * slo_ms,
+        queue_depth=serving.queue_depth,
+        ttft_p99_ms=serving.ttft_p99_ms,
+    )
 
 
 def growth_capacity(snapshot: Snapshot, deployment: ModelDeployment, profiles: ProfileTable) -> float:
@@ -351,16 +403,19 @@ def _decide_lp(
     large = capacity(snapshot, dep, config.profiles)
     small = capacity(snapshot, small_dep, config.profiles) if small_dep else Capacity(tokens_per_s=0,
                                                                                      demand_tokens_per_s=0)
-    demand = large.demand_tokens_per_s
+    press = pressure(snapshot, dep, config)
+    demand = large.demand_tokens_per_s + press.backlog_tokens_per_s
     floor = dep.fallback.quality_floor
     metrics = {
         "large_capacity_tokens_per_s": large.tokens_per_s, "demand_tokens_per_s": demand,
         "fallback_capacity_tokens_per_s": small.tokens_per_s, "power_cap_factor": large.cap_factor,
+        "queue_depth": press.queue_depth, "ttft_p99_ms": press.ttft_p99_ms,
+        "backlog_tokens_per_s": press.backlog_tokens_per_s, "utilisation_factor": press.utilisation_factor,
     }
     if demand <= 0:
         return (tuple(0.0 for _ in config.classes), Reason.NO_CHANGE, SolverStatus.NOT_RUN, 0.0,
                 "no demand: all traffic to the large model", metrics, None)
-    util = dep.target_utilisation
+    util = dep.target_utilisation * press.utilisation_factor
     small_util = small_dep.target_utilisation if small_dep else util
     small_grow = growth_capacity(snapshot, small_dep, config.profiles) if small_dep else 0.0
     small_room = max((small.tokens_per_s + small_grow) * small_util - small.demand_tokens_per_s, 0.0) / demand
@@ -386,6 +441,10 @@ def _decide_lp(
     if prev_total <= need_total + SHARE_EPSILON:
         shares = need.shares
         held = False
+    elif press.blocks_release:
+        # the large model still queues or answers slowly: keep what is on the fallback
+        shares = shares_for_total(config.classes, prev_total)
+        held = True
     else:
         # Shift back only as far as the release utilisation allows (hysteresis band).
         target = max(min(prev_total, total_share(config.classes, release.shares)), need_total)
@@ -402,11 +461,15 @@ def _decide_lp(
                f"{large.cap_factor:.2f} for {demand:.0f} tok/s) but the quality floor {floor:.0%} stops the shift")
     elif held:
         reason = Reason.STABILISING
-        why = f"holding {total:.0%} on the fallback until utilisation falls below {release_util:.0%}"
+        why = (f"holding {total:.0%} on the fallback while the large model queues ({press.queue_depth:.0f} waiting, "
+               f"TTFT p99 {press.ttft_p99_ms:.0f} ms)" if press.blocks_release else
+               f"holding {total:.0%} on the fallback until utilisation falls below {release_util:.0%}")
     elif total > prev_total + SHARE_EPSILON and need.shortfall <= 1e-6 and need_total > 0:
         reason = Reason.CAPACITY_PRESSURE
+        queued = (f"; {press.queue_depth:.0f} queued, TTFT p99 {press.ttft_p99_ms:.0f} ms"
+                  if press.backlog_tokens_per_s > 0 or press.utilisation_factor < 1 else "")
         why = (f"large model capacity {large.tokens_per_s:.0f} tok/s (cap factor {large.cap_factor:.2f}) at "
-               f"{util:.0%} utilisation is short of {demand:.0f} tok/s: {total:.0%} to the fallback")
+               f"{util:.0%} utilisation is short of {demand:.0f} tok/s{queued}: {total:.0%} to the fallback")
     elif abs(total - prev_total) <= SHARE_EPSILON:
         reason = Reason.NO_CHANGE
         why = f"{total:.0%} to the fallback, unchanged"
@@ -488,7 +551,7 @@ def routed_to_fallback(plan: Plan) -> Mapping[str, tuple[bool, str]]:
 
 
 __all__ = [
-    "DEFAULT_CLASSES", "Capacity", "LPResult", "RouteDecision", "RoutingConfig", "RoutingState",
-    "build_model", "capacity", "max_share_at_floor", "plan_routing", "plan_threshold", "relative_quality",
+    "DEFAULT_CLASSES", "Capacity", "LPResult", "Pressure", "RouteDecision", "RoutingConfig", "RoutingState",
+    "build_model", "capacity", "max_share_at_floor", "plan_routing", "plan_threshold", "pressure", "relative_quality",
     "routed_to_fallback", "shares_for_total", "solve", "threshold_for_share", "total_share",
 ]

@@ -37,6 +37,7 @@ from policies.snapshot import (
     Parallelism,
     Pool,
     ReplicaSet,
+    ServingTelemetry,
     Snapshot,
 )
 
@@ -153,6 +154,59 @@ def test_hysteresis_shifts_back_only_below_release_utilisation() -> None:
     # well below the release utilisation the shift is undone
     p_low = plan_routing(make_snapshot(demand_tok_s=cap * 0.3), config, RoutingState.model_validate(p_hold.state))
     assert share_of(p_low).fallback_share == pytest.approx(fresh, abs=1e-3)
+
+
+def serving(queue: float = 0.0, ttft_ms: float = 0.0, rps: float = 10.0, out_per_request: float = 200.0
+            ) -> tuple[ServingTelemetry, ...]:
+    return (ServingTelemetry(deployment="big", requests_per_s=rps, output_tokens_per_s=rps * out_per_request,
+                             queue_depth=queue, ttft_p99_ms=ttft_ms),)
+
+
+def test_a_queue_at_the_large_model_shifts_more_than_offered_load_alone() -> None:
+    demand = large_capacity(make_snapshot()) * 0.9
+    calm = share_of(plan_routing(make_snapshot(demand_tok_s=demand, serving=serving()))).fallback_share
+    plan = plan_routing(make_snapshot(demand_tok_s=demand, serving=serving(queue=300.0)))
+    queued = share_of(plan).fallback_share
+    config = RoutingConfig()
+    # the queue's tokens (300 x 200) drained within drain_s add to the demand the LP must place
+    assert plan.explanation.metrics["big.backlog_tokens_per_s"] == pytest.approx(300 * 200 / config.drain_s)
+    assert queued > calm + 0.05
+    assert "queued" in plan.explanation.summary
+
+
+def test_slow_ttft_lowers_the_target_utilisation_before_the_slo_is_missed() -> None:
+    demand = large_capacity(make_snapshot()) * 0.7
+    slo_ms = make_snapshot().deployment("big").slo.ttft_p99_ms
+    config = RoutingConfig()
+    fine = share_of(plan_routing(make_snapshot(demand_tok_s=demand, serving=serving(ttft_ms=0.5 * slo_ms))))
+    # p99 still within the SLO but past the pressure point: shift now, not after it is missed
+    slow_plan = plan_routing(make_snapshot(demand_tok_s=demand, serving=serving(ttft_ms=0.9 * slo_ms)))
+    assert 0.9 * slo_ms > config.ttft_pressure * slo_ms
+    assert slow_plan.explanation.metrics["big.utilisation_factor"] == pytest.approx(config.ttft_pressure / 0.9)
+    assert share_of(slow_plan).fallback_share > fine.fallback_share + 0.05
+    # the factor is bounded: a TTFT 10x the SLO does not send everything to the fallback
+    worst = plan_routing(make_snapshot(demand_tok_s=demand, serving=serving(ttft_ms=10 * slo_ms)))
+    assert worst.explanation.metrics["big.utilisation_factor"] == config.min_utilisation_factor
+    assert share_of(worst).expected_quality >= 0.8 - 1e-6
+
+
+def test_no_shift_back_while_the_large_model_still_queues() -> None:
+    cap = large_capacity(make_snapshot())
+    slo_ms = make_snapshot().deployment("big").slo.ttft_p99_ms
+    burst = plan_routing(make_snapshot(demand_tok_s=cap * 1.5))
+    high = share_of(burst).fallback_share
+    state = RoutingState.model_validate(burst.state)
+    # load is back to 30% of capacity (plain hysteresis would release) but the queue has not drained
+    held = plan_routing(make_snapshot(demand_tok_s=cap * 0.3, serving=serving(queue=20.0, ttft_ms=0.3 * slo_ms)),
+                        state=state)
+    assert share_of(held).fallback_share == pytest.approx(high, abs=1e-3)
+    assert held.explanation.reason == Reason.STABILISING and "queues" in held.explanation.summary
+    slow = plan_routing(make_snapshot(demand_tok_s=cap * 0.3, serving=serving(ttft_ms=0.5 * slo_ms)), state=state)
+    assert share_of(slow).fallback_share == pytest.approx(high, abs=1e-3)
+    # queue drained and latency back to normal: the shift is undone
+    released = plan_routing(make_snapshot(demand_tok_s=cap * 0.3, serving=serving(ttft_ms=0.2 * slo_ms)),
+                            state=RoutingState.model_validate(held.state))
+    assert share_of(released).fallback_share < high - 0.1
 
 
 def test_same_snapshot_same_plan_and_stable_version() -> None:
