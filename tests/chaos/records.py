@@ -31,6 +31,7 @@ class Attempt:
 class ChaosRecorder:
     path: Path
     test: str
+    written: int = 0
 
     def write(self, fault: str, survived: bool, data_lost: int, converge_s: float | None,
               detail: dict[str, Any] | None = None) -> None:
@@ -40,6 +41,7 @@ class ChaosRecorder:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
+        self.written += 1
 
     @contextmanager
     def attempt(self, fault: str) -> Iterator[Attempt]:

@@ -33,6 +33,8 @@ from typing import Any
 
 import pytest
 
+from tests.chaos.records import ChaosRecorder
+
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "chaos-token"
 NODE = "chaos-node"
@@ -292,7 +294,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # -- the faults ----------------------------------------------------------------------------------------
-def test_link_cut_guard_holds_share_and_reports_arrive_once(setup: tuple[Net, HubThread, AgentProcess]) -> None:
+def test_link_cut_guard_holds_share_and_reports_arrive_once(setup: tuple[Net, HubThread, AgentProcess],
+                                                            chaos: ChaosRecorder) -> None:
     from protos.wattplane.v1 import agent_pb2 as pb
 
     net, hub, agent = setup
@@ -341,9 +344,11 @@ def test_link_cut_guard_holds_share_and_reports_arrive_once(setup: tuple[Net, Hu
         f"reports {counts}; command applications {fresh}"
     )
     assert fresh == {cid: 1, late_id: 1}
+    chaos.write("agent link cut ~5 s during a load step over its share", True, counts["lost"], conv,
+                {"guard_react_s": round(react_s, 2), "reports": counts, "command_applications": fresh})
 
 
-def test_link_flaps_reports_arrive_once(setup: tuple[Net, HubThread, AgentProcess]) -> None:
+def test_link_flaps_reports_arrive_once(setup: tuple[Net, HubThread, AgentProcess], chaos: ChaosRecorder) -> None:
     net, hub, agent = setup
     times = []
     downs = [0.7, 2.5, 0.3, 3.0, 0.7, 2.5]  # short ones ride on TCP retransmits, long ones force a reconnect
@@ -360,9 +365,13 @@ def test_link_flaps_reports_arrive_once(setup: tuple[Net, HubThread, AgentProces
         f"\n{len(downs)} flaps (down {downs} s): {reconnects} reconnects; caught up after each in p50 "
         f"{percentile(times, 50):.2f} s / max {max(times):.2f} s; reports {counts}"
     )
+    for i, (down, conv) in enumerate(zip(downs, times, strict=True)):  # a record per flap; losses: the run's
+        chaos.write("agent link flapped (one cut of 0.3-3 s)", True, counts["lost"] if i == len(downs) - 1 else 0,
+                    conv, {"down_s": down})
 
 
-def test_throttled_then_cut_command_applied_once(setup: tuple[Net, HubThread, AgentProcess]) -> None:
+def test_throttled_then_cut_command_applied_once(setup: tuple[Net, HubThread, AgentProcess],
+                                                 chaos: ChaosRecorder) -> None:
     from protos.wattplane.v1 import agent_pb2 as pb
 
     net, hub, agent = setup
@@ -399,6 +408,8 @@ def test_throttled_then_cut_command_applied_once(setup: tuple[Net, HubThread, Ag
     )
     assert sum(x["fresh"] for x in deliveries) == 1
     assert len(deliveries) >= 2, "the result was not held back: the re-delivery path was not exercised"
+    chaos.write("agent->hub throttled to 1 kbit/s with a command in flight, then cut 1.5 s", True, counts["lost"],
+                conv, {"command_sends": sends, "applied": sum(x["fresh"] for x in deliveries)})
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.chaos.records import ChaosRecorder
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKED_NODES = 2_500  # docs/benchmarks.md, "## telemetry": largest sustained node count
 OFFERED_NODES = 2 * BENCHMARKED_NODES
@@ -209,7 +211,8 @@ def _spawn(tmp: Path, role: str, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
 
 
-def test_overload_sheds_with_statuses_keeps_memory_bounded_and_healthy_agents_fresh(tmp_path: Path) -> None:
+def test_overload_sheds_with_statuses_keeps_memory_bounded_and_healthy_agents_fresh(tmp_path: Path,
+                                                                                   chaos: ChaosRecorder) -> None:
     stop = tmp_path / "stop"
     procs: list[subprocess.Popen[str]] = []
     try:
@@ -279,6 +282,9 @@ def test_overload_sheds_with_statuses_keeps_memory_bounded_and_healthy_agents_fr
     assert not lost, f"healthy agents lost reports: {lost}"
     assert all(a["connections"] == 1 for a in agents_out.values()), "a healthy agent was disconnected"
     assert worst < SLO_MS, f"healthy agents' worst lag {worst:.0f} ms breaks the {SLO_MS:.0f} ms SLO"
+    chaos.write(f"{OFFERED_NODES} agents (2x benchmarked) + a malformed/oversized flood, {STORM_S:.0f} s", True,
+                sum(lost.values()), None, {"peak_rss_mib": hub_out["peak_rss_mib"], "healthy_worst_lag_ms": worst,
+                                           "rejected": hub_out["rejected"]})
 
 
 if __name__ == "__main__":
