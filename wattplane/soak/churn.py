@@ -26,6 +26,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -419,6 +420,7 @@ def run_churn_soak(minutes: float = 30.0, sample_s: float = 10.0, window_s: floa
             "cleanup_s": round(cleaned, 1) if cleaned is not None else None,
             "orphans": orphans, "data_lost": lost,
         })
+        shutil.rmtree(tmp, ignore_errors=True)  # the controller's log is kept only when the run raised
         return report
     finally:
         if controller is not None:

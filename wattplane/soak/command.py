@@ -73,7 +73,12 @@ def run(args: argparse.Namespace) -> int:
                               rows_file=args.rows)
         fault = f"simulated soak {gpus} GPUs x {hours:g} h"
     else:
+        import signal
+
         from wattplane.soak.churn import run_churn_soak
+
+        # a SIGTERM (timeout, kill) must still stop the controller and the cluster: make it SystemExit
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
         minutes = min(args.minutes, 0.5) if args.quick else args.minutes
         report = run_churn_soak(minutes=minutes, sample_s=min(args.sample_s, 3.0) if args.quick else args.sample_s,
