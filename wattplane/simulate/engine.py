@@ -151,6 +151,10 @@ class Simulation:
         self._nodes: tuple[Node, ...] = ()
         self._nodes_key = b""
         self._pod_cache: dict[tuple[int, bytes], list[Pod]] = {}
+        self._tele_key: np.ndarray | None = None  # last cycle's per-GPU readings (see _telemetry)
+        # (groups it was built for, power of non-serving groups, serving groups (i, pool, role, cap, prefill))
+        self._group_static: tuple[np.ndarray, np.ndarray, list[tuple[int, int, int, float, float]]] | None = None
+        self._tele_objs: list[GPUTelemetry] = []
 
     # -- MoE expert load (synthetic: Zipf skew, lognormal drift, shifts of the hot set) ---------
     def _moe_init(self) -> None:
@@ -351,18 +355,26 @@ class Simulation:
         self.version_seen = f.version
 
     def _group_power(self, util: np.ndarray) -> np.ndarray:
-        out = np.empty(len(self.groups))
-        for i, (pool, role, capi, _dom) in enumerate(self.groups):
-            cap = np.nan if capi < 0 else float(capi)
-            if role >= 0:
-                u = float(util[role])
-                out[i] = self._power(int(pool), float(self.prefill_fraction[role, pool]) * u, u, cap)
-            elif role == -2:
-                out[i] = self._power(int(pool), 0.05, 0.5, cap)
-            elif role == -3:
-                out[i] = 0.0
-            else:
-                out[i] = self._power(int(pool), 0.0, 0.0, cap)
+        """Power per GPU group at these utilisations; only serving groups depend on them (every step)."""
+        if self._group_static is None or self._group_static[0] is not self.groups:
+            base = np.zeros(len(self.groups))
+            serving = []
+            for i, (pool, role, capi, _dom) in enumerate(self.groups.tolist()):
+                cap = np.nan if capi < 0 else float(capi)
+                if role >= 0:
+                    serving.append((i, pool, role, cap, float(self.prefill_fraction[role, pool])))
+                elif role == -2:
+                    base[i] = self._power(pool, 0.05, 0.5, cap)
+                elif role == -1:
+                    base[i] = self._power(pool, 0.0, 0.0, cap)
+            self._group_static = (self.groups, base, serving)
+        _, base, serving = self._group_static
+        out = base.copy()
+        u_all = util.tolist()
+        power = self._power
+        for i, pool, role, cap, pf in serving:
+            u = u_all[role]
+            out[i] = power(pool, pf * u, u, cap)
         return out
 
     # -- snapshot ---------------------------------------------------------------------------------
@@ -403,38 +415,30 @@ class Simulation:
             live[key] = cached
             pods.extend(cached)
         self._pod_cache = live  # only live replicas: ids are never reused, so removed ones' pods would pile up
-        for d in range(len(self.domains)):
-            for p in range(len(sc.pools)):
-                for k in range(f.pending(d, p)):
-                    dep = self.domains[d]
-                    pods.append(_fast(
-                        Pod, name=f"{dep.name}-{sc.pools[p].name}-pending-{k}", node=None,
-                        cpu_milli=8000 * dep.parallelism.devices, memory_mib=65536 * dep.parallelism.devices,
-                        num_gpu=dep.parallelism.devices, gpu_milli=1000, gpu_indices=(),
-                        gpu_model=sc.pools[p].accelerator.model, priority=dep.priority, deployment=dep.name,
-                        pdb=None, movable=True, numa=None))
+        placed = np.zeros_like(f.desired)
+        for r in f.replicas.values():
+            placed[r.deployment, r.pool] += 1
+        missing = np.maximum(f.desired - placed, 0)  # f.pending() for every (deployment, pool) in one pass
+        for d, p in zip(*(a.tolist() for a in np.nonzero(missing)), strict=True):
+            for k in range(int(missing[d, p])):
+                dep = self.domains[d]
+                pods.append(_fast(
+                    Pod, name=f"{dep.name}-{sc.pools[p].name}-pending-{k}", node=None,
+                    cpu_milli=8000 * dep.parallelism.devices, memory_mib=65536 * dep.parallelism.devices,
+                    num_gpu=dep.parallelism.devices, gpu_milli=1000, gpu_indices=(),
+                    gpu_model=sc.pools[p].accelerator.model, priority=dep.priority, deployment=dep.name,
+                    pdb=None, movable=True, numa=None))
         for bg in sorted(f.background.values(), key=lambda b: b.name):
             pods.append(_fast(
                 Pod, name=bg.name, node=f.node_names[bg.node], cpu_milli=bg.cpu_milli, memory_mib=bg.memory_mib,
                 num_gpu=len(bg.gpus), gpu_milli=bg.milli, gpu_indices=tuple(f.gpu_local[bg.gpus].tolist()),
                 gpu_model=None, priority=PriorityClass.BEST_EFFORT, deployment=None, pdb=None, movable=True,
                 numa=None))
-        role = self.gpu_role.tolist()
-        caps = [None if math.isnan(c) else c for c in f.cap.tolist()]
-        dep_names = [d.name for d in self.domains]
         util = np.clip(gpu_util, 0.0, 1.0)
         serving_gpu = self.gpu_role >= 0
         # prompt-phase share of the interval, as an engine reports it: the deployment's share x utilisation
         prefill = np.where(serving_gpu, self.prefill_fraction[np.maximum(self.gpu_role, 0), f.gpu_pool] * util, 0.0)
-        telemetry = tuple(
-            _fast(GPUTelemetry, node=node, index=idx, power_w=pw, utilisation=ut, memory_used_gib=0.0,
-                  sm_clock_mhz=0.0, temperature_c=0.0, power_limit_w=cap, energy_j=0.0,
-                  deployment=dep_names[ro] if ro >= 0 else None,
-                  priority=self.priority[ro] if ro >= 0 else (PriorityClass.BEST_EFFORT if ro == -2 else None),
-                  prefill_fraction=pf)
-            for node, idx, pw, ut, cap, ro, pf in zip(self._gpu_node_name, self._gpu_local, gpu_power.tolist(),
-                                                      util.tolist(), caps, role, prefill.tolist(), strict=True)
-        )
+        telemetry = self._telemetry(gpu_power, util, prefill)
         serving = tuple(
             ServingTelemetry(deployment=d.name, requests_per_s=float(window["requests"][i]),
                              input_tokens_per_s=float(window["input"][i]),
@@ -461,6 +465,42 @@ class Simulation:
                         deployments=tuple(self.domains), replicas=replicas, pods=tuple(pods),
                         gpu_telemetry=telemetry, serving=serving, expert_loads=tuple(expert_loads),
                         expert_placements=tuple(placements))
+
+    def _telemetry(self, power: np.ndarray, util: np.ndarray, prefill: np.ndarray) -> tuple[GPUTelemetry, ...]:
+        """Per-GPU readings; a GPU whose reading is unchanged since the last cycle keeps its object.
+
+        The snapshot's largest part at scale (one object per GPU per cycle): idle and capped-alike
+        GPUs repeat their readings, and the rest are built with one dict and no field processing
+        (what :func:`_fast` does, minus its per-call generality).
+        """
+        f = self.fleet
+        key = np.stack([power, util, np.where(np.isnan(f.cap), -1.0, f.cap), self.gpu_role.astype(float), prefill])
+        objs = self._tele_objs
+        if self._tele_key is None or self._tele_key.shape != key.shape:
+            changed = np.arange(key.shape[1])
+            objs = [None] * key.shape[1]  # type: ignore[list-item]
+        else:
+            changed = np.nonzero((key != self._tele_key).any(axis=0))[0]
+        dep_names = [d.name for d in self.domains]
+        new, setattr_, fields = GPUTelemetry.__new__, object.__setattr__, _TELEMETRY_FIELDS
+        nodes, local = self._gpu_node_name, self._gpu_local
+        best_effort = PriorityClass.BEST_EFFORT
+        for g, pw, ut, cap, ro, pf in zip(changed.tolist(), power[changed].tolist(), util[changed].tolist(),
+                                          f.cap[changed].tolist(), self.gpu_role[changed].tolist(),
+                                          prefill[changed].tolist(), strict=True):
+            obj = new(GPUTelemetry)
+            setattr_(obj, "__dict__", {
+                "node": nodes[g], "index": local[g], "power_w": pw, "utilisation": ut, "memory_used_gib": 0.0,
+                "sm_clock_mhz": 0.0, "temperature_c": 0.0, "power_limit_w": None if cap != cap else cap,
+                "energy_j": 0.0, "deployment": dep_names[ro] if ro >= 0 else None,
+                "priority": self.priority[ro] if ro >= 0 else (best_effort if ro == -2 else None),
+                "prefill_fraction": pf})
+            setattr_(obj, "__pydantic_fields_set__", set(fields))
+            setattr_(obj, "__pydantic_extra__", None)
+            setattr_(obj, "__pydantic_private__", None)
+            objs[g] = obj
+        self._tele_key, self._tele_objs = key, objs
+        return tuple(objs)
 
     def _static_parts(self) -> tuple[tuple[Pool, ...], tuple[PowerDomain, ...]]:
         if self._static is None:
@@ -753,6 +793,7 @@ class Simulation:
 
 
 _M = TypeVar("_M", bound=BaseModel)
+_TELEMETRY_FIELDS = frozenset(GPUTelemetry.model_fields)
 
 
 _DEFAULTS: dict[type[BaseModel], dict[str, Any]] = {}
