@@ -75,6 +75,7 @@ class PowerConfig(Frozen):
     volatility_k: NonNegFloat = 2.0  # allowance = k x EWMA of the domain's upward swings per cycle
     volatility_alpha: Fraction = 0.1  # EWMA weight of the newest swing
     recent_max_rise: bool = False  # also keep room for the largest rise of the last ``history`` cycles (opt-in)
+    burst_room: bool = False  # volatility and room from rises of predicted *demand*, not draw (see allowance)
     history: int = Field(default=60, ge=1)  # draws kept in state for the status percentiles
     demand_alpha: Fraction = 0.3  # EWMA weight of the newest unpinned draw in a GPU's remembered demand
     pinned_tolerance: Fraction = 0.03  # a reading within this share of its limit is "pinned at the cap"
@@ -99,6 +100,7 @@ class DomainMemory(Frozen):
     last_now: float | None = None
     over_budget_s: NonNegFloat = 0.0  # accumulated seconds with measured draw above budget
     recent_draw_w: tuple[NonNegFloat, ...] = ()  # last draws, newest last (for status p50/p99)
+    recent_demand_w: tuple[NonNegFloat, ...] = ()  # last predicted uncapped draws, newest last (burst room)
 
 
 class PowerState(Frozen):
@@ -681,10 +683,13 @@ def volatility_allowance(memory: DomainMemory, config: PowerConfig) -> float:
     them — at a price in caps and latency (see docs/benchmarks.md, power, aligned case).
     """
     typical = config.volatility_k * memory.swing_w
-    if not config.recent_max_rise:
-        return typical
-    draws = memory.recent_draw_w
-    largest = max((b - a for a, b in pairwise(draws)), default=0.0)
+    largest = 0.0
+    if config.recent_max_rise:
+        largest = max((b - a for a, b in pairwise(memory.recent_draw_w)), default=0.0)
+    if config.burst_room:
+        # Rises of predicted uncapped demand, not of measured draw: a brake or a cap being lifted
+        # raises the draw without any new demand, and room kept for that only caps more after brakes.
+        largest = max(largest, max((b - a for a, b in pairwise(memory.recent_demand_w)), default=0.0))
     return max(typical, largest)
 
 
@@ -700,7 +705,14 @@ def _domain_memory(
     old = state.domains.get(domain.name, DomainMemory())
     draw = fixed_w + sum(g.reading_w for g in gpus)
     swing = old.swing_w
-    if old.last_draw_w is not None:
+    demands: tuple[float, ...] = ()
+    if config.burst_room:  # volatility of predicted demand: a brake or cap lifting is not a swing
+        demand = fixed_w + sum(g.demand_w for g in gpus)
+        if old.recent_demand_w:
+            rise = max(0.0, demand - old.recent_demand_w[-1])
+            swing = (1 - config.volatility_alpha) * swing + config.volatility_alpha * rise
+        demands = (*old.recent_demand_w, demand)[-config.history:]
+    elif old.last_draw_w is not None:
         rise = max(0.0, draw - old.last_draw_w)
         swing = (1 - config.volatility_alpha) * swing + config.volatility_alpha * rise
     over = old.over_budget_s
@@ -708,7 +720,7 @@ def _domain_memory(
         over += max(0.0, snapshot.now - old.last_now)
     recent = (*old.recent_draw_w, draw)[-config.history:]
     return DomainMemory(last_draw_w=draw, swing_w=swing, last_now=snapshot.now, over_budget_s=over,
-                        recent_draw_w=recent)
+                        recent_draw_w=recent, recent_demand_w=demands)
 
 
 def next_state_json(

@@ -290,6 +290,25 @@ def test_recent_max_rise_keeps_room_for_the_largest_recent_jump() -> None:
     assert volatility_allowance(memory, PowerConfig()) < 600.0
 
 
+def test_burst_room_counts_demand_rises_not_a_brake_lifting() -> None:
+    """A brake (every GPU held at 200 W) lifting raises the draw but not the demand; a real burst raises both."""
+    config = PowerConfig(burst_room=True, history=60)
+    state = PowerState()
+    draws = [[500.0] * 4, [500.0] * 4, [200.0] * 4, [200.0] * 4, [500.0] * 4, [500.0] * 4]
+    limits: list[list[float | None]] = [[None] * 4, [None] * 4, [200.0] * 4, [200.0] * 4, [None] * 4, [None] * 4]
+    for k, (d, lim) in enumerate(zip(draws, limits, strict=True)):
+        plan = plan_power(make_snapshot(d, limits=lim, budget_w=10_000.0, now=float(k)), config, state)
+        state = PowerState.model_validate(plan.state)
+    memory = state.domains["row"]
+    assert volatility_allowance(memory, PowerConfig(recent_max_rise=True)) == pytest.approx(1200.0)  # 4 x 300 W
+    assert volatility_allowance(memory, config) < 100.0  # pinned GPUs kept their remembered demand
+    # a real burst: the same 1,200 W rise with nobody capped is demand, and room is kept for it
+    for k, d in enumerate([[200.0] * 4, [500.0] * 4], start=10):
+        plan = plan_power(make_snapshot(d, budget_w=10_000.0, now=float(k)), config, state)
+        state = PowerState.model_validate(plan.state)
+    assert volatility_allowance(state.domains["row"], config) == pytest.approx(1200.0)
+
+
 # -- the vectorised path (large domains) is the scalar model, bit for bit ------------------------
 
 A100 = AcceleratorSpec(
