@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -197,12 +198,18 @@ class ClusterRun:
             warmup = self._warm_up(fleet)
             self._drive(fleet, progress)
             result = self._result(fleet)
-            return ClusterReport(result, self.namespace, list(self.nodes_created), warmup, self.notes, self.log_path)
+            report = ClusterReport(result, self.namespace, list(self.nodes_created), warmup, self.notes,
+                                   self.log_path if self.opt.log_dir else None)
+        except ClusterSimError as exc:
+            raise ClusterSimError(f"{exc} (controller log: {self.log_path})") from exc
         finally:
             with _ignoring_interrupts():
                 self.cleanup()
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, previous)
+        if self.opt.log_dir is None:  # a temporary log is kept only when the run failed
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+        return report
 
     # -- setup -------------------------------------------------------------------------------------
     def _setup(self) -> None:
