@@ -9,6 +9,11 @@ time minus the agent's send stamp; one clock, one machine). A node count is *sus
 p99 < 1 s and the hub ingests >= 95% of the offered reports. The anchor ``bare_grpc`` is a
 ``grpc.aio`` streaming server doing no processing beyond reading the send stamp: the cost floor
 the hub's validation, state, ring buffer and command plumbing add to.
+
+``wattplane_sharded`` is the hub sharded by node over ``--shards`` worker processes on one port
+(``controller.telemetry.shards``); its lag is measured where the controller reads it, in the merged
+view (so it includes the shards' flush interval), and its CPU is the controller process plus all
+shards.
 """
 
 from __future__ import annotations
@@ -39,7 +44,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--warmup", type=float, default=None, help="seconds at load before measuring")
     parser.add_argument("--measure", type=float, default=None, help="measured seconds per node count")
-    parser.add_argument("--methods", nargs="+", default=["wattplane", "bare_grpc"], choices=["wattplane", "bare_grpc"])
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="hub variants to measure"
+    )
+    parser.add_argument("--shards", type=int, default=2, help="worker processes of wattplane_sharded")
+
+
+METHODS = ("wattplane", "wattplane_sharded", "bare_grpc")
 
 
 # -- the messages ---------------------------------------------------------------------------------
@@ -106,17 +117,43 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # -- the hub process --------------------------------------------------------------------------------
-def _hub_process(conn: Connection, method: str) -> None:
-    asyncio.run(_hub_main(conn, method))
+def _hub_process(conn: Connection, method: str, shards: int = 2) -> None:
+    asyncio.run(_hub_main(conn, method, shards))
 
 
-async def _hub_main(conn: Connection, method: str) -> None:
+async def _hub_main(conn: Connection, method: str, shards: int = 2) -> None:
     import grpc
 
     loop = asyncio.get_running_loop()
     lags: list[float] = []
     count = [0]
-    if method == "wattplane":
+    sharded: Any = None
+
+    def shard_cpu() -> float:  # the shards' CPU seconds as of their last flush (<= 0.25 s old)
+        return sum(sharded.shard_cpu_s.values()) if sharded is not None else 0.0
+
+    if method == "wattplane_sharded":
+        import functools
+
+        from controller.telemetry import HubConfig, StaticTokenAuthenticator
+        from controller.telemetry.shards import ShardedHub
+
+        sharded = ShardedHub(
+            functools.partial(StaticTokenAuthenticator, {TOKEN: "bench"}), HubConfig(lag_samples=5_000_000),
+            shards=shards, flush_s=0.25,
+        )  # fmt: skip
+        port = await sharded.start()
+
+        class _Stopper:
+            async def stop(self, grace: float | None) -> None:
+                await sharded.stop(grace)
+
+        server: Any = _Stopper()
+
+        def drain() -> tuple[list[float], int]:
+            return sharded.lag.drain(), sharded.reports_total
+
+    elif method == "wattplane":
         from controller.telemetry import HubConfig, StaticTokenAuthenticator, TelemetryHub, start_server
 
         hub = TelemetryHub(StaticTokenAuthenticator({TOKEN: "bench"}), HubConfig(lag_samples=5_000_000))
@@ -152,21 +189,24 @@ async def _hub_main(conn: Connection, method: str) -> None:
             return out, count[0]
 
     conn.send(port)
-    cpu0, wall0, n0 = time.process_time(), time.perf_counter(), 0
+    cpu0, wall0, n0, shard0 = time.process_time(), time.perf_counter(), 0, 0.0
     while True:
         cmd = await loop.run_in_executor(None, conn.recv)
         if cmd == "reset":
             _, n0 = drain()
-            cpu0, wall0 = time.process_time(), time.perf_counter()
+            cpu0, wall0, shard0 = time.process_time(), time.perf_counter(), shard_cpu()
         elif cmd == "stats":
             samples, n = drain()
             wall = time.perf_counter() - wall0
+            main_cpu = time.process_time() - cpu0
+            shards_cpu = shard_cpu() - shard0
             conn.send(
                 {
                     "reports": n - n0,
                     "wall": wall,
-                    "cpu_pct": 100.0 * (time.process_time() - cpu0) / wall,
-                    "cpu_s": time.process_time() - cpu0,
+                    "cpu_pct": 100.0 * (main_cpu + shards_cpu) / wall,
+                    "cpu_s": main_cpu + shards_cpu,
+                    "main_cpu_pct": 100.0 * main_cpu / wall,
                     "lag_p50_ms": percentile(samples, 50),
                     "lag_p99_ms": percentile(samples, 99),
                     "lag_samples": len(samples),
@@ -268,7 +308,8 @@ def measure(method: str, nodes: int, args: argparse.Namespace, warmup: float, wi
     load_before = os.getloadavg()[0]
     ctx = mp.get_context("spawn")
     hub_conn, hub_child = ctx.Pipe()
-    hub = ctx.Process(target=_hub_process, args=(hub_child, method), daemon=True)
+    # the sharded hub's process has children (its shards), which a daemonic process may not
+    hub = ctx.Process(target=_hub_process, args=(hub_child, method, args.shards), daemon=method != "wattplane_sharded")
     hub.start()
     gens: list[tuple[Any, Connection]] = []
     try:
@@ -317,7 +358,8 @@ def measure(method: str, nodes: int, args: argparse.Namespace, warmup: float, wi
         "sent_per_s": round(sum(g["sent"] for g in gs) / h["wall"], 1),  # written by the agents
         "lag_p50_ms": round(h["lag_p50_ms"], 2),
         "lag_p99_ms": round(h["lag_p99_ms"], 2),
-        "hub_cpu_pct": round(h["cpu_pct"], 1),
+        "hub_cpu_pct": round(h["cpu_pct"], 1),  # with shards: the controller process plus every shard
+        "hub_main_process_cpu_pct": round(h["main_cpu_pct"], 1),
         "generator_cpu_pct": round(sum(g["cpu_pct"] for g in gs), 1),
         # CPU cost per report: what the machine's load does not change much (unlike the lag)
         "hub_cpu_us_per_report": round(1e6 * h["cpu_s"] / max(1, h["reports"]), 1),
@@ -331,7 +373,7 @@ def measure(method: str, nodes: int, args: argparse.Namespace, warmup: float, wi
 
 def run(args: argparse.Namespace) -> list[Case]:
     quick = bool(args.quick)
-    steps = args.nodes or ([500, 2000] if quick else [1000, 2500, 5000, 7500, 10000, 12500, 15000])
+    steps = args.nodes or ([2500] if quick else [1000, 2500, 5000, 7500, 10000, 12500, 15000, 17500, 20000])
     warmup = args.warmup if args.warmup is not None else (2.0 if quick else 4.0)
     window = args.measure if args.measure is not None else (4.0 if quick else 10.0)
     cases: list[Case] = []
@@ -340,7 +382,8 @@ def run(args: argparse.Namespace) -> list[Case]:
 
     def params(n: int) -> dict[str, Any]:
         return {"nodes": n, "gpus_per_node": GPUS_PER_NODE, "report_hz": 1.0, "generators": args.generators,
-                "agents_per_channel": args.agents_per_channel, "warmup_s": warmup, "measure_s": window}  # fmt: skip
+                "agents_per_channel": args.agents_per_channel, "warmup_s": warmup, "measure_s": window,
+                "shards": args.shards}  # fmt: skip
 
     for n in sorted(steps):
         methods: dict[str, dict[str, float]] = {}
