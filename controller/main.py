@@ -142,6 +142,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resync", type=float, default=None, help="seconds between full resyncs "
                         "(default: the FleetPolicy's reconcilePeriodS)")
     parser.add_argument("--dry-run", action="store_true", help="plan and report, never write workloads")
+    parser.add_argument("--drain-seconds", type=float, default=10.0,
+                        help="how long a serving replica out of its Service's endpoints gets before it is evicted")
     parser.add_argument("--router-url", default=None,
                         help="the Ray Serve router's base URL: routing tables are pushed there (default: not pushed)")
     parser.add_argument("--log-level", default="INFO")
@@ -166,9 +168,12 @@ def run(args: argparse.Namespace) -> int:
     controller = Controller(kube, metrics, workers=args.workers, resync_s=args.resync, dry_run=args.dry_run,
                             identity=args.identity, agents=hub.agents if hub else None, router=router,
                             telemetry=hub.telemetry if hub else None, power=hub.power if hub else None)
+    controller.drain_s = args.drain_seconds
     elector = LeaderElector(kube, args.lease_namespace, args.lease_name, args.identity,
                             lease_duration_s=args.lease_duration, renew_deadline_s=args.renew_deadline,
                             retry_s=args.retry_period)
+    if args.leader_elect:
+        kube.may_write = elector.holds  # fence: no write once the Lease lapsed (a paused leader resuming)
     stop = threading.Event()
     health = HealthServer(metrics, ready=lambda: not elector.is_leader.is_set() or controller.synced,
                           host=args.metrics_host, port=args.metrics_port)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from controller.api.models import PoliciesEnabled, SolverLimits
+from controller.api.models import DisruptionLimits, PoliciesEnabled, SolverLimits
 from policies import pipeline as pp
 from policies.plan import Explanation, Plan, PolicyName, Reason, SetReplicas, SolverStatus
 from policies.snapshot import ModelDeployment, Snapshot
@@ -121,8 +122,14 @@ def plan_placement_minimum(snapshot: Snapshot, config: PlacementConfig | None = 
 plan_placement = plan_placement_minimum
 
 
-def pipeline_config(policies: PoliciesEnabled, limits: SolverLimits) -> pp.PipelineConfig:
-    """The FleetPolicy's switches as the shared pipeline's config (the simulator builds the same thing)."""
+def pipeline_config(policies: PoliciesEnabled, limits: SolverLimits,
+                    disruption: DisruptionLimits | None = None) -> pp.PipelineConfig:
+    """The FleetPolicy's switches as the shared pipeline's config (the simulator builds the same thing).
+
+    The rescheduler plans within the FleetPolicy's migration limit and only when a pending pod waits
+    for room (the executor enforces the limit again; planning within it keeps the plan's order useful).
+    """
+    disruption = disruption or DisruptionLimits()
 
     def stage(on: bool, config: dict[str, Any] | None = None) -> pp.StageSetting:
         return pp.StageSetting(method=pp.OURS if on else pp.OFF, config=config or {})
@@ -133,7 +140,9 @@ def pipeline_config(policies: PoliciesEnabled, limits: SolverLimits) -> pp.Pipel
         pp.Stage.PLACEMENT: stage(policies.placement, {"time_limit_s": limits.placement_s}),
         pp.Stage.MOE: stage(policies.moe),
         pp.Stage.POWER: stage(policies.power),
-        pp.Stage.RESCHEDULING: stage(policies.rescheduling),
+        pp.Stage.RESCHEDULING: stage(policies.rescheduling, {
+            "mnl": disruption.max_migrations_per_cycle, "time_limit_s": limits.rescheduling_s,
+            "require_pending": True}),
     })
 
 
@@ -145,20 +154,36 @@ class PipelineOutcome:
 
 
 def run_pipeline(snapshot: Snapshot, policies: PoliciesEnabled | None = None, limits: SolverLimits | None = None,
-                 state: pp.PipelineState | None = None) -> PipelineOutcome:
+                 state: pp.PipelineState | None = None, disruption: DisruptionLimits | None = None,
+                 reschedule_input: Callable[[Snapshot], Snapshot] | None = None) -> PipelineOutcome:
     """The shared policy pipeline (forecast -> routing -> placement -> moe -> power -> rescheduling).
 
     When placement is off, unavailable or fails, the stand-in keeps every deployment at its minimum
-    replicas, so the controller always has a placement to execute.
+    replicas, so the controller always has a placement to execute. ``reschedule_input`` widens what
+    the last stage sees (every GPU pod and PDB, not only the managed replicas): the stages before it
+    run first, then rescheduling alone on ``reschedule_input(projected snapshot)``, with the same
+    State threaded through.
     """
     policies = policies or PoliciesEnabled()
     limits = limits or SolverLimits()
     state = state or pp.PipelineState()
     notes: list[str] = []
+    config = pipeline_config(policies, limits, disruption)
     try:
-        result = pp.run_pipeline(snapshot, pipeline_config(policies, limits), state)
-        plans, state = list(result.plans), result.state
-        notes += [f"{u} unavailable" for u in result.unavailable]
+        if reschedule_input is None or not policies.rescheduling:
+            result = pp.run_pipeline(snapshot, config, state)
+            plans, state = list(result.plans), result.state
+            unavailable = list(result.unavailable)
+        else:
+            off = pp.StageSetting(method=pp.OFF)
+            before = pp.PipelineConfig(stages={**config.stages, pp.Stage.RESCHEDULING: off})
+            only = pp.PipelineConfig(stages={s: config.setting(s) if s is pp.Stage.RESCHEDULING else off
+                                             for s in pp.STAGE_ORDER})
+            first = pp.run_pipeline(snapshot, before, state)
+            last = pp.run_pipeline(reschedule_input(first.snapshot), only, first.state)
+            plans, state = [*first.plans, *last.plans], last.state
+            unavailable = [*first.unavailable, *last.unavailable]
+        notes += [f"{u} unavailable" for u in unavailable]
     except Exception as exc:  # a policy bug must not stop the fleet: fall back, and say so
         plans, notes = [], [f"pipeline failed: {type(exc).__name__}: {exc}"]
     if not any(p.policy is PolicyName.PLACEMENT for p in plans):

@@ -50,6 +50,10 @@ class RescheduleConfig(Frozen):
     seed: int = 0  # neighbourhood choice
     workers: PosInt = 1  # CP-SAT workers per neighbourhood (the host has 2 shared cores)
     use_lns: bool = True
+    # Only plan when a pending pod cannot be placed as things stand: the controller's trigger (moving
+    # running pods only to lower a fragmentation score is churn no one asked for); benchmarks plan on
+    # any snapshot.
+    require_pending: bool = False
 
 
 class RescheduleState(Frozen):
@@ -88,6 +92,13 @@ def plan_reschedule(
                                     pending_weight=config.pending_weight)
     budget = budget_of(snapshot, config.mnl)
     before = packing.copy()
+    if config.require_pending:
+        waiting = sum(1 for at in packing.assign if at < 0)
+        if waiting == 0 or pending_placeable(packing)[0] == waiting:
+            idle = to_plan(before, before, [], config, state, Search(before.fragment(), before.fragment(), 0))
+            why = "no pending pod waits for room" if waiting == 0 else f"all {waiting} pending pod(s) fit already"
+            return idle.model_copy(update={"explanation": idle.explanation.model_copy(update={
+                "summary": f"{why}: nothing to reschedule (fragmentation {before.frag_rate():.3f})"})})
 
     def past(share: float) -> Callable[[], bool]:
         return lambda: clock is not None and clock() >= start + share * config.time_limit_s

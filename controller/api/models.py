@@ -400,6 +400,24 @@ class Decision(ApiModel):
     time: str | None = None
 
 
+class MigrationRecord(ApiModel):
+    """One move of a rescheduling plan and what the executor made of it."""
+
+    pod: str = ""
+    from_node: str = ""
+    to_node: str = ""
+    outcome: str = "Planned"  # Planned, Evicted, Migrated, BlockedByPDB, OverLimit, DryRun, Failed, ...
+    message: str = ""
+
+
+class RescheduleDecision(Decision):
+    """The rescheduler's last plan with moves: its explanation, proven bound and each move's outcome."""
+
+    bound: float | None = None
+    dry_run: bool = False
+    migrations: Annotated[list[MigrationRecord], Field(max_length=128)] = []
+
+
 class ModelDeploymentStatus(ApiModel):
     replicas: NonNegInt = 0
     ready_replicas: NonNegInt = 0
@@ -496,6 +514,7 @@ class FleetPolicyStatus(ApiModel):
     )
     observed_generation: int | None = None
     conditions: Annotated[list[Condition], Field(max_length=16)] = []
+    last_reschedule: RescheduleDecision | None = None
 
 
 class FleetPolicy(ApiModel):

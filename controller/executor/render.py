@@ -28,6 +28,7 @@ L_SHAPE = "wattplane.io/shape"
 L_GROUP = "wattplane.io/group"
 L_GROUP_INDEX = "wattplane.io/group-index"
 L_ORDINAL = "wattplane.io/ordinal"
+L_SERVING = "wattplane.io/serving"  # "true" while a pod takes requests; a drain before eviction sets "false"
 A_SPEC_HASH = "wattplane.io/spec-hash"
 SHAPE_DEPLOYMENT = "Deployment"
 SHAPE_GROUP = "PodGroup"
@@ -177,7 +178,7 @@ def render_deployment(
         "spec": {
             "replicas": replicas,
             "selector": {"matchLabels": selector_labels(md, pool_name)},
-            "template": {"metadata": {"labels": labels}, "spec": template_spec},
+            "template": {"metadata": {"labels": {**labels, L_SERVING: "true"}}, "spec": template_spec},
         },
     }
 

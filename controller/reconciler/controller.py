@@ -30,6 +30,7 @@ from controller.metrics import Metrics
 from controller.pipeline import run_pipeline, shortfall
 from controller.reconciler.informer import Informer
 from controller.reconciler.queue import ShutDown, WorkQueue
+from controller.reconciler.reschedule_input import gpus_of, unschedulable, with_cluster_pods
 from controller.reconciler.status import (
     Problem,
     deployment_status,
@@ -61,6 +62,7 @@ PD = "pd:"  # a PowerDomain's status pass; it requeues itself every POWER_STATUS
 POWER_STATUS_PERIOD_S = 2.0
 POOL_STATUS_DELAY_S = 1.0
 REPLAN_INTERVAL_S = 1.0
+MIGRATION_SETTLE_S = 5.0  # after a batch of moves, let the scheduler place the replacements before the next
 
 
 def iso_now(wall: float) -> str:
@@ -84,6 +86,13 @@ def _plan_input(obj: Mapping[str, Any]) -> tuple[Any, ...]:
             bool(obj["metadata"].get("deletionTimestamp")), (obj.get("status") or {}).get("phase"))
 
 
+def _reschedule_input(pod: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The parts of any GPU pod the rescheduler's snapshot depends on."""
+    meta = pod["metadata"]
+    return (meta.get("labels"), (pod.get("spec") or {}).get("nodeName"), bool(meta.get("deletionTimestamp")),
+            (pod.get("status") or {}).get("phase"), unschedulable(pod))
+
+
 def restore_state(fleet: api.FleetPolicy) -> PipelineState:
     """The pipeline State a previous leader saved, or a fresh one when there is none or it is unreadable."""
     saved = fleet.status.pipeline_state if fleet.status else {}
@@ -95,6 +104,8 @@ def restore_state(fleet: api.FleetPolicy) -> PipelineState:
 
 
 class Controller:
+    drain_s = 10.0  # how long a serving replica out of its Service's endpoints gets before it is evicted
+
     def __init__(self, kube: Kube, metrics: Metrics | None = None, *, workers: int = 2,
                  resync_s: float | None = None, dry_run: bool = False, identity: str = "wattplane",
                  agents: AgentPort | None = None, router: RouterPort | None = None,
@@ -125,6 +136,8 @@ class Controller:
         self._state_saved = -1e9
         self._threads: list[threading.Thread] = []
         self.reconcile_count = 0
+        self._migrations: threading.Thread | None = None  # the batch of moves under way, if any
+        self._migrations_done = -1e9  # monotonic time the last batch finished
         inf = self.informers = {
             "AcceleratorPool": Informer(kube, "AcceleratorPool", self._on_fleet_object),
             "PowerDomain": Informer(kube, "PowerDomain", self._on_fleet_object),
@@ -133,6 +146,9 @@ class Controller:
             "Node": Informer(kube, "Node", self._on_node),
             "Deployment": Informer(kube, "Deployment", self._on_owned, label_selector=MANAGED_SELECTOR),
             "Pod": Informer(kube, "Pod", self._on_owned, label_selector=MANAGED_SELECTOR),
+            # rescheduling sees every GPU pod (fragmentation is made by all of them) and their budgets
+            "ClusterPod": Informer(kube, "Pod", self._on_cluster_pod),
+            "PodDisruptionBudget": Informer(kube, "PodDisruptionBudget", self._on_budget),
         }
         for i in inf.values():
             i.on_error = self._on_watch_error
@@ -195,6 +211,26 @@ class Controller:
             for pool in self.informers["AcceleratorPool"].items():
                 self.queue.add_after(POOL + pool["metadata"]["name"], POOL_STATUS_DELAY_S)
 
+    def _rescheduling_on(self) -> bool:
+        return self.fleet_policy().spec.policies.rescheduling
+
+    def _on_cluster_pod(self, kind: str, new: dict[str, Any] | None, old: dict[str, Any] | None) -> None:
+        """A GPU pod appeared, moved, became unschedulable or left: the rescheduler's input changed."""
+        obj = new or old
+        assert obj is not None
+        if not gpus_of(obj) or not self._rescheduling_on():
+            return
+        if new is not None and old is not None and _reschedule_input(new) == _reschedule_input(old):
+            return
+        self._bump(spec=False)
+        self.queue.add_after(FLEET, REPLAN_INTERVAL_S)
+
+    def _on_budget(self, kind: str, new: dict[str, Any] | None, old: dict[str, Any] | None) -> None:
+        allowed = [((o or {}).get("status") or {}).get("disruptionsAllowed") for o in (new, old)]
+        if (new is None or old is None or allowed[0] != allowed[1]) and self._rescheduling_on():
+            self._bump(spec=False)
+            self.queue.add_after(FLEET, REPLAN_INTERVAL_S)
+
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self, sync_timeout_s: float = 60.0) -> None:
         for i in self.informers.values():
@@ -204,6 +240,7 @@ class Controller:
             if not i.synced.wait(max(0.0, deadline - time.monotonic())):
                 raise TimeoutError(f"cache of {i.kind} did not sync within {sync_timeout_s}s")
         self._enqueue_all()
+        self.queue.add(FLEET)  # plan once at start even with no ModelDeployment (rescheduling acts on any pod)
         for n in range(self.workers):
             t = threading.Thread(target=self._worker, name=f"worker-{n}", daemon=True)
             t.start()
@@ -309,17 +346,21 @@ class Controller:
             spec = fleet.spec
             if self._pipeline_state is None:
                 self._pipeline_state = restore_state(fleet)
-            outcome = run_pipeline(built.snapshot, spec.policies, spec.solver_time_limits, self._pipeline_state)
+            pods, budgets = self.informers["ClusterPod"].items(), self.informers["PodDisruptionBudget"].items()
+            outcome = run_pipeline(built.snapshot, spec.policies, spec.solver_time_limits, self._pipeline_state,
+                                   spec.disruption, lambda s: with_cluster_pods(s, pods, budgets))
             plans, self._pipeline_state = outcome.plans, outcome.state
             for note in outcome.notes:
                 log.warning("policy pipeline: %s", note)
             dry = self.dry_run or spec.dry_run
+            deferred: set[str] = set()
             for plan in plans:  # node-level actions (caps, routing) once per distinct plan
                 if plan.id not in self._applied_node_plans:
                     for done in self.executor.apply_node_actions(plan, dry_run=dry):
                         log.info("%s%s", "dry-run: " if dry else "", done)
-                    self._start_migrations(plan, spec.disruption, dry)
-            self._applied_node_plans = {p.id for p in plans}
+                    if not self._start_migrations(plan, spec.disruption, dry):
+                        deferred.add(plan.id)  # moves not started (a batch under way): try again later
+            self._applied_node_plans = {p.id for p in plans} - deferred
             if fleet.metadata.get("resourceVersion") and now - self._state_saved >= spec.reconcile_period_s:
                 self._save_state(outcome.state)
                 self._state_saved = now
@@ -332,25 +373,108 @@ class Controller:
             self._memo = (spec_gen, gen, now, built, plans)
             return built, plans, owned, 0.0
 
-    def _start_migrations(self, plan: Plan, limits: Any, dry_run: bool) -> None:
-        """Evict the rescheduler's moves (Eviction API, PDBs honoured, MNL and concurrency from the
-        FleetPolicy) on a thread of their own: waiting for evicted pods to terminate must not hold
-        the planner's lock."""
+    def _start_migrations(self, plan: Plan, limits: api.DisruptionLimits, dry_run: bool) -> bool:
+        """Run the rescheduler's moves (Eviction API with PDBs honoured, serving replicas drained first,
+        KubeVirt VMs live-migrated; MNL and concurrency from the FleetPolicy) on a thread of their own:
+        waiting for moves to finish must not hold the planner's lock. The plan, its explanation and each
+        move's outcome go to the FleetPolicy status. One batch at a time, and the next only after the
+        scheduler had ``MIGRATION_SETTLE_S`` to place the replacements (a plan made while pods are
+        between nodes would chase its own moves). Returns False when the moves were not started."""
+        if plan.policy is PolicyName.RESCHEDULE:
+            log.info("rescheduling plan %s: %s", plan.id, plan.explanation.summary)
         moves = [a for a in plan.actions if isinstance(a, MigratePod)]
         if not moves:
-            return
+            return True
+        now = time.monotonic()
+        busy = self._migrations is not None and self._migrations.is_alive()
+        if not dry_run and (busy or now - self._migrations_done < MIGRATION_SETTLE_S):
+            wait = MIGRATION_SETTLE_S if busy else MIGRATION_SETTLE_S - (now - self._migrations_done)
+            self.queue.add_after(FLEET, wait + 0.05)
+            return False
+        if not dry_run:  # the per-cycle limit, kept in the cluster: a restarted controller sees what was spent
+            granted = self._reserve_migrations(moves, limits.max_migrations_per_cycle)
+            if not granted:
+                return False
+            moves = moves[:granted]
         from kubernetes import client as k8s
 
-        from controller.executor.evictions import MigrationLimits, apply_migrations
+        from controller.executor.evictions import (
+            MigrationLimits,
+            NodeFence,
+            ServingDrain,
+            apply_migrations,
+            lift_stale_fences,
+        )
+
+        self._write_reschedule_status(plan, {}, dry_run)
+        core = k8s.CoreV1Api(self.kube.api)
+        drain = ServingDrain(core, k8s.DiscoveryV1Api(self.kube.api), drain_s=self.drain_s)
+        fence = None if dry_run else NodeFence(core)
 
         def run() -> None:
-            report = apply_migrations(k8s.CoreV1Api(self.kube.api), moves,
-                                      MigrationLimits(limits.max_migrations_per_cycle, max(limits.max_concurrent, 1)),
-                                      dry_run=dry_run)
-            for pod, outcome in report.outcomes.items():
-                log.info("migration %s: %s %s", pod, outcome.value, report.messages.get(pod, ""))
+            try:
+                if not dry_run:  # no batch is under way: a fence still standing is a crashed run's
+                    for node in lift_stale_fences(core):
+                        log.warning("lifted a stale migration fence (cordon) from node %s", node)
+                report = apply_migrations(core, moves, MigrationLimits(limits.max_migrations_per_cycle,
+                                                                       max(limits.max_concurrent, 1)),
+                                          dry_run=dry_run, drain=drain, fence=fence)
+                for pod, outcome in report.outcomes.items():
+                    log.info("migration %s: %s %s", pod, outcome.value, report.messages.get(pod, ""))
+                self._write_reschedule_status(plan, {p: (o.value, report.messages.get(p, ""))
+                                                     for p, o in report.outcomes.items()}, dry_run)
+            except Exception:
+                log.exception("migrations of plan %s failed", plan.id)
+            finally:
+                if not dry_run:
+                    self._migrations_done = time.monotonic()
+                    self._bump(spec=False)
+                    self.queue.add_after(FLEET, MIGRATION_SETTLE_S + 0.05)
 
-        threading.Thread(target=run, name=f"migrations-{plan.id}", daemon=True).start()
+        thread = threading.Thread(target=run, name=f"migrations-{plan.id}", daemon=True)
+        if not dry_run:
+            self._migrations = thread
+        thread.start()
+        return True
+
+    def _reserve_migrations(self, moves: list[MigratePod], limit: int) -> int:
+        """How many of ``moves`` this cycle's durable budget grants (reserved before any is made); when
+        it grants fewer, a re-plan is scheduled for the end of the cycle."""
+        from controller.executor.migration_budget import MigrationBudget
+
+        budget = MigrationBudget(self.kube)
+        window = self.fleet_policy().spec.reconcile_period_s
+        granted = budget.reserve([m.pod for m in moves], limit, window)
+        if granted < len(moves):
+            try:
+                left = budget.used(window)[1]
+            except KubeError:
+                left = window
+            log.info("migration limit %d per %.0f s cycle: %d of %d moves granted; next cycle in %.1f s", limit,
+                     window, granted, len(moves), left)
+            self.queue.add_after(FLEET, max(left, 1.0) + 0.05)
+        return granted
+
+    def _write_reschedule_status(self, plan: Plan, outcomes: Mapping[str, tuple[str, str]], dry_run: bool) -> None:
+        """The rescheduling plan with its explanation, and each move's outcome so far, in the FleetPolicy status."""
+        if self.informers["FleetPolicy"].store.get("default") is None:
+            log.info("rescheduling plan %s: %s (no FleetPolicy to record it in)", plan.id, plan.explanation.summary)
+            return
+        e = plan.explanation
+        records = [api.MigrationRecord(pod=a.pod, from_node=a.from_node, to_node=a.to_node,
+                                       outcome=outcomes.get(a.pod, ("Planned", ""))[0],
+                                       message=outcomes.get(a.pod, ("", ""))[1][:500])
+                   for a in plan.actions if isinstance(a, MigratePod)][:128]
+        decision = api.RescheduleDecision(plan_id=plan.id, policy=plan.policy.value, reason=e.reason.value,
+                                          summary=e.summary[:1000], objective=e.objective, bound=e.bound,
+                                          solver_status=e.solver_status.value, solve_ms=e.solve_ms,
+                                          fallback=e.fallback, time=iso_now(time.time()), dry_run=dry_run,
+                                          migrations=records)
+        try:
+            self.kube.patch("FleetPolicy", "default", {"status": {"lastReschedule": wire(decision)}},
+                            subresource="status")
+        except KubeError as exc:
+            log.warning("recording rescheduling plan %s failed: %s", plan.id, exc)
 
     def _save_state(self, state: PipelineState) -> None:
         """Persist the pipeline State (and who leads) in the FleetPolicy status; best effort."""
@@ -368,8 +492,8 @@ class Controller:
             self.reconcile_pool(key[len(POOL):])
             return None
         if key == FLEET:
-            self.fleet()
-            return None
+            stale_s = self.fleet()[3]
+            return stale_s + 0.05 if stale_s else None
         if key.startswith(PD):
             return self.reconcile_power_domain(key[len(PD):])
         return self.reconcile_deployment(key[len(MD):])

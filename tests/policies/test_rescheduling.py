@@ -263,3 +263,20 @@ def test_lns_finds_the_two_move_plan_that_single_moves_miss() -> None:
     assert pending_placeable(greedy)[0] == 0
     assert rescore(snap, plan.actions).fragment() < greedy.fragment()
     assert plan.explanation.metrics["lns_accepted"] >= 1
+
+
+def test_require_pending_plans_only_when_a_pending_pod_does_not_fit() -> None:
+    """The controller's trigger: without waiting demand (or when it fits already) no pod is moved."""
+    config = RescheduleConfig(mnl=2, require_pending=True, **FAST)
+    blocked = make_snapshot(fragmented())
+    assert 0 < len(plan_reschedule(blocked, config).actions) <= 2
+    # an 8-GPU pod runs on a fourth node, so 8-GPU tasks are in the mix and the other nodes are fragmented
+    running = [p for p in fragmented() if p.node is not None] + [whole("full", "n3", gpus=8)]
+    no_pending = make_snapshot(running, nodes=4)
+    assert plan_reschedule(no_pending, RescheduleConfig(mnl=2, **FAST)).actions  # without the trigger it moves
+    idle = plan_reschedule(no_pending, config)
+    assert idle.actions == () and idle.explanation.reason is Reason.NO_CHANGE
+    assert "no pending pod" in idle.explanation.summary
+    fits = make_snapshot([whole("small", None, gpus=2), *running], nodes=4)
+    assert pending_placeable(Packing.from_snapshot(fits, Form.GPU))[0] == 1
+    assert plan_reschedule(fits, config).actions == ()
