@@ -96,6 +96,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--margin", type=float, default=0.02,
                         help="the PowerDomain safety margin wattplane keeps below budget (x budget)")
     parser.add_argument("--scale-gpus", type=int, default=1000, help="GPUs in the solve-time case (0: skip it)")
+    parser.add_argument("--burst-room", type=int, default=0, metavar="CYCLES",
+                        help="wattplane keeps room for the largest predicted-demand rise of the last CYCLES "
+                             "(PowerConfig(burst_room=True, history=CYCLES); 0: the default config)")
 
 
 # -- the workload --------------------------------------------------------------------------------
@@ -399,7 +402,8 @@ def run(args: argparse.Namespace) -> list[Case]:
                 best = m
         assert best is not None
         methods["polca"] = best
-        ours = SnapshotController(w, budget, "wattplane", PowerConfig(), margin=args.margin)
+        config = PowerConfig(burst_room=True, history=args.burst_room) if args.burst_room else PowerConfig()
+        ours = SnapshotController(w, budget, "wattplane", config, margin=args.margin)
         m = metrics_of(simulate(w, budget, ours, args.brake_hold, args.period), ref, w)
         m["solve_ms_p50"] = round(float(np.percentile(ours.solve_ms, 50)), 3)
         m["solve_ms_p99"] = round(float(np.percentile(ours.solve_ms, 99)), 3)
@@ -412,6 +416,7 @@ def run(args: argparse.Namespace) -> list[Case]:
                     "gpus": servers * GPUS_PER_SERVER, "budget_w": budget, "duration_s": duration,
                     "requests": len(w.arrival), "lp_share": args.lp_share, "brake_hold_s": args.brake_hold,
                     "safety_margin": args.margin, "aligned_offsets": bool(args.aligned),
+                    "burst_room_cycles": args.burst_room,
                     "polca_sweep": [list(p) for p in sweep]},
             methods=methods,
         ))
