@@ -74,6 +74,7 @@ SOURCES: dict[str, str] = {
     "guard_node_s": "agents (local guard active)", "migrations": "controller (evictions it made)",
     "replica_changes": "cluster (ModelDeployment status desired per pool)",
     "fallback_share": "router stand-in (table in force)",
+    "routing_table_stale_s": "router stand-in (simulated seconds a deployment's table had expired)",
     "solver_ms_p99": "controller /metrics (histogram bucket upper bound)",
     "solver_ms_mean": "controller /metrics", "cycles": "controller /metrics (placement solves)",
 }
@@ -150,6 +151,12 @@ class _Router:
         with self.lock:
             return {d: h.table.fallback_share for d, h in self.tables.items()
                     if h.table is not None and not h.is_stale(now)}
+
+    def stale(self) -> list[str]:
+        """Deployments whose table has expired (the router then sends everything to the large model)."""
+        now = time.monotonic()
+        with self.lock:
+            return sorted(d for d, h in self.tables.items() if h.is_stale(now))
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -424,6 +431,7 @@ class ClusterRun:
         self.replica_changes = 0
         self.caps_acked = 0
         self.violations: list[str] = []
+        self.stale_table_s = 0.0
         held: dict[tuple[str, int], float | None] = {}
         start = time.monotonic()
         sim_prev = 0.0
@@ -451,6 +459,8 @@ class ClusterRun:
             s.caps.append(float(caps))
             s.cost.append(float(sum(cost[p.pool] * p.gpus for p in pods if p.running)))
             s.guard_nodes.append(float(sum(a.guard.active for a in self.agents.values())))
+            self.stale_table_s += span * len([d for d in self.router.stale()  # type: ignore[union-attr]
+                                              if d.startswith(self.namespace + "/")])
             self._check(pods)
             sim_prev = sim_now
             if progress is not None:
@@ -509,6 +519,10 @@ class ClusterRun:
         over = float(((power[:n_dom] > budgets[:, None] * (1 + 1e-9)) * span).sum()) if n_dom else 0.0
         addressed, routed = fleet.addressed, fleet.routed
         solver = self._solver_stats()
+        if self.stale_table_s > 0:
+            self.notes.append(f"the router's routing table expired for {self.stale_table_s:.0f} simulated s "
+                              "(deployment-seconds): the router then sends everything to the large model; the "
+                              "controller pushes a table only when its routing plan changes (TTL 30 s wall)")
         total_req = float(req.sum())
         weights = req.reshape(-1)
         metrics: dict[str, float] = {
@@ -528,6 +542,7 @@ class ClusterRun:
             "solver_ms_mean": solver[1],
             "cycles": solver[2],
             "guard_node_s": float((np.array(s.guard_nodes) * span).sum()),
+            "routing_table_stale_s": self.stale_table_s,
             "quality": 1.0 - fleet.quality_loss / addressed if addressed else 1.0,
             "dropped_share": fleet.dropped / max(float(fleet.load.output_tokens.sum()), 1.0),
             "output_tokens": tokens,
