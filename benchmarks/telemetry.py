@@ -188,6 +188,10 @@ async def _hub_main(conn: Connection, method: str, shards: int = 2) -> None:
             lags.clear()
             return out, count[0]
 
+    if method != "bare_grpc":  # as the controller's hub runner and the shard workers do
+        from controller.telemetry.gctune import tune_for_streams
+
+        tune_for_streams()
     conn.send(port)
     cpu0, wall0, n0, shard0 = time.process_time(), time.perf_counter(), 0, 0.0
     while True:

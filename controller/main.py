@@ -160,6 +160,10 @@ def run(args: argparse.Namespace) -> int:
         hub = HubRunner.start(kube, args.grpc_host, args.grpc_port, args.tls_dir, max_streams=args.hub_max_streams,
                               shards=args.hub_shards, kube_source=kube_source, accepting=not args.leader_elect)
         sys.stdout.write(f"telemetry hub on {args.grpc_host}:{hub.port}\n")
+        if args.hub_shards <= 1:
+            from controller.telemetry.gctune import tune_for_streams
+
+            tune_for_streams()  # this process holds every agent stream (see gctune); shards tune their own
     router = None
     if args.router_url:
         from controller.dataplane.client import HttpRouterPort

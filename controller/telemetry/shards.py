@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.telemetry.auth import Authenticator, Identity
+from controller.telemetry.gctune import tune_for_streams
 from controller.telemetry.hub import CommandRecord, CommandState, HubConfig, NodeState, TelemetryHub, _Session
 from protos.wattplane.v1 import agent_pb2 as pb
 
@@ -132,6 +133,7 @@ async def _worker_main(spec: ShardSpec, conn: Connection) -> None:
     )
     if hub._sweeper is not None:  # the controller process sweeps the merged view; a shard's would only log
         hub._sweeper.cancel()
+    tune_for_streams()
     conn.send(("ready", port))
     done = loop.create_future()
 
