@@ -50,6 +50,9 @@ class RescheduleConfig(Frozen):
     seed: int = 0  # neighbourhood choice
     workers: PosInt = 1  # CP-SAT workers per neighbourhood (the host has 2 shared cores)
     use_lns: bool = True
+    # 1-exchange over greedy's moves (drop one, refill greedily): at most this many trials, each a full
+    # greedy pass; with a clock also bounded by 45 % of the time limit
+    exchange_trials: NonNegInt = 20
     # Only plan when a pending pod cannot be placed as things stand: the controller's trigger (moving
     # running pods only to lower a fragmentation score is churn no one asked for); benchmarks plan on
     # any snapshot.
@@ -78,6 +81,8 @@ class Search:
     flow_accepted: bool = False
     flow_bound: float | None = None  # proven lower bound on the fragment from the whole-cluster model
     polish_steps: int = 0
+    exchange_trials: int = 0
+    exchange_accepted: int = 0
 
 
 def plan_reschedule(
@@ -111,6 +116,8 @@ def plan_reschedule(
     steps = greedy_moves(packing, budget, out_of_time)
     search = Search(before.fragment(), packing.fragment(), steps, statuses={})
     greedy = packing.copy()
+    if config.exchange_trials and config.mnl > 0 and config.form is Form.GPU:
+        packing = improve_exchange(before, packing, budget, config.exchange_trials, search, past(0.45))
     if config.form is Form.NUMA and config.mnl > 0 and not search_over():
         packing = improve_flow(before, packing, budget, config, search, time_left if clock is not None else None)
     proven = search.flow_bound is not None and packing.fragment() <= search.flow_bound + 1e-9
@@ -119,11 +126,11 @@ def plan_reschedule(
     # The plan names nodes, not devices: score what the moves give when run one by one with the
     # scheduler's best-fit device choice, and keep the greedy plan if the search's is not better then.
     realised, order = realise(before, packing)
-    if search.lns_accepted or search.flow_accepted:
+    if search.lns_accepted or search.flow_accepted or search.exchange_accepted:
         fallback, fallback_order = realise(before, greedy)
         if realised.fragment() > fallback.fragment() + 1e-9:
             realised, order = fallback, fallback_order
-            search.lns_accepted = 0
+            search.lns_accepted = search.exchange_accepted = 0
             search.flow_accepted = False
     # Executed moves can land on other devices than the search assumed (a pod moved twice by greedy
     # migrates once): polish the executed state with more single moves while they help.
@@ -142,6 +149,47 @@ def plan_reschedule(
 def budget_of(snapshot: Snapshot, mnl: int) -> MoveBudget:
     """MNL plus per-PDB allowances (``max_unavailable`` pods of a PDB may be away at once)."""
     return MoveBudget(mnl=mnl, pdb_left={p.name: p.max_unavailable for p in snapshot.pdbs})
+
+
+# -- 1-exchange over the greedy moves ------------------------------------------------------------
+
+def improve_exchange(
+    before: Packing, current: Packing, budget: MoveBudget, max_trials: int, search: Search,
+    out_of_time: Callable[[], bool],
+) -> Packing:
+    """Drop one migration of the plan and let greedy refill the freed slot; keep the first exchange that
+    lowers the executed fragment, and start over from it.
+
+    Why: greedy commits to its best move at each step, and an early move can lose its value once later
+    moves are made (its target fills up, or a better pod for the same slot appears). Trying the latest
+    moves first is cheapest to win: they gained least. Each trial replays the other moves on a fresh
+    copy (eviction semantics, best-fit devices) and runs a full greedy pass, so trials are few.
+    """
+    best, order = realise(before, current)
+    best_frag = best.fragment()
+    while search.exchange_trials < max_trials and not out_of_time():
+        moves = [(best.items[i].name, best.assign[i]) for i in order]
+        improved = False
+        for k in reversed(range(len(moves))):
+            if search.exchange_trials >= max_trials or out_of_time():
+                break
+            search.exchange_trials += 1
+            trial = before.copy()
+            apply_moves(trial, moves[:k] + moves[k + 1:])
+            greedy_moves(trial, budget, out_of_time)
+            got, got_order = realise(before, trial)
+            if got.fragment() < best_frag - 1e-9:
+                best, order, best_frag = got, got_order, got.fragment()
+                search.exchange_accepted += 1
+                improved = True
+                break
+        if not improved:
+            break
+    if not search.exchange_accepted:
+        return current
+    # hand the search the executed result, with its log in executed order
+    best.log = list(order)
+    return best
 
 
 # -- whole-cluster flow model (NUMA form) ---------------------------------------------------------
@@ -704,7 +752,7 @@ def to_plan(
     bound = max(fragment_bound(before, config.mnl), search.flow_bound or 0.0)
     rate_before, rate_after = before.frag_rate(), after.frag_rate()
     placed, placed_gpus = pending_placeable(after)
-    improved = search.lns_accepted > 0 or search.flow_accepted
+    improved = search.lns_accepted > 0 or search.flow_accepted or search.exchange_accepted > 0
     status = SolverStatus.FEASIBLE if improved else SolverStatus.HEURISTIC
     if frag <= bound + 1e-9 and search.flow_status is not SolverStatus.NOT_RUN:
         status = SolverStatus.OPTIMAL  # the whole-cluster model proved it (possibly the greedy start itself)
@@ -715,6 +763,7 @@ def to_plan(
     if actions:
         summary = (f"{len(actions)} migration(s) lower fragmentation {rate_before:.3f} -> {rate_after:.3f} "
                    f"({search.frag_before:.0f} -> {frag:.0f} {unit}; greedy {search.frag_greedy:.0f}, "
+                   f"exchanges accepted {search.exchange_accepted}/{search.exchange_trials}, "
                    f"LNS accepted {search.lns_accepted}/{search.lns_steps} neighbourhoods; "
                    f"bound {bound:.0f}, solver {status.value})")
     else:
@@ -737,6 +786,8 @@ def to_plan(
             "lns_steps": float(search.lns_steps),
             "lns_accepted": float(search.lns_accepted),
             "flow_accepted": float(search.flow_accepted),
+            "exchange_trials": float(search.exchange_trials),
+            "exchange_accepted": float(search.exchange_accepted),
             "polish_rounds": float(search.polish_steps),
             "whole_gpus_free": float(after.whole_gpus_free()),
             "pending_placeable": float(placed),

@@ -280,3 +280,19 @@ def test_require_pending_plans_only_when_a_pending_pod_does_not_fit() -> None:
     fits = make_snapshot([whole("small", None, gpus=2), *running], nodes=4)
     assert pending_placeable(Packing.from_snapshot(fits, Form.GPU))[0] == 1
     assert plan_reschedule(fits, config).actions == ()
+
+
+@pytest.mark.parametrize(("seed", "mnl"), [(11, 2), (22, 2), (27, 3)])
+def test_exchange_beats_greedy_where_an_early_move_lost_its_value(seed: int, mnl: int) -> None:
+    """Dropping one of greedy's moves and refilling the slot finds a better plan on these instances;
+    without the exchange (and without LNS) the policy returns greedy's plan."""
+    snap = random_cluster(seed)
+    greedy = Packing.from_snapshot(snap, Form.GPU, pending_weight=MIX_PENDING_WEIGHT)
+    greedy_moves(greedy, MoveBudget(mnl=mnl, pdb_left={}))
+    plain = plan_reschedule(snap, RescheduleConfig(mnl=mnl, use_lns=False, exchange_trials=0))
+    assert rescore(snap, plain.actions).fragment() == pytest.approx(greedy.fragment())
+    plan = plan_reschedule(snap, RescheduleConfig(mnl=mnl, use_lns=False))
+    assert len(plan.actions) <= mnl and plan.explanation.metrics["exchange_accepted"] >= 1
+    assert rescore(snap, plan.actions).fragment() < greedy.fragment() - 1e-6
+    assert plan.explanation.objective == pytest.approx(rescore(snap, plan.actions).fragment())
+    assert plan.explanation.solver_status is not SolverStatus.HEURISTIC and plan.explanation.fallback is None
