@@ -52,3 +52,82 @@ def test_stale_plans_and_budgets_are_reported_not_forced() -> None:
                                "ns/gone": MigrationOutcome.GONE}
     assert "plan assumed n0" in report.messages["ns/moved"]
     assert core.log == []
+
+
+class FencedCore(FakeCore):
+    """FakeCore plus nodes (cordon state, annotations), pod labels and EndpointSlices, all recorded."""
+
+    def __init__(self, pods: dict[tuple[str, str], str], cordoned: frozenset[str] = frozenset(),
+                 protected: frozenset[str] = frozenset()) -> None:
+        super().__init__(pods, protected)
+        self.nodes = {n: {"unschedulable": n in cordoned, "annotations": {}} for n in ("n0", "n1", "n2")}
+        self.labels: dict[str, dict[str, str]] = {name: {"wattplane.io/serving": "true"} for _, name in pods}
+        self.listed = {name for _, name in pods}  # pods in the Service's EndpointSlice
+
+    def read_node(self, name: str) -> Any:
+        return SimpleNamespace(spec=SimpleNamespace(unschedulable=self.nodes[name]["unschedulable"]))
+
+    def patch_node(self, name: str, body: dict[str, Any]) -> None:
+        self.log.append(f"{'cordon' if body['spec']['unschedulable'] else 'uncordon'} {name}")
+        self.nodes[name]["unschedulable"] = body["spec"]["unschedulable"]
+        for k, v in body["metadata"]["annotations"].items():
+            if v is None:
+                self.nodes[name]["annotations"].pop(k, None)
+            else:
+                self.nodes[name]["annotations"][k] = v
+
+    def list_node(self) -> Any:
+        return SimpleNamespace(items=[SimpleNamespace(metadata=SimpleNamespace(name=n, annotations=v["annotations"]))
+                                      for n, v in self.nodes.items()])
+
+    def read_namespaced_pod(self, name: str, ns: str) -> Any:
+        pod = super().read_namespaced_pod(name, ns)
+        pod.metadata.labels = self.labels.get(name, {})
+        return pod
+
+    def patch_namespaced_pod(self, name: str, ns: str, body: dict[str, Any]) -> None:
+        value = body["metadata"]["labels"]["wattplane.io/serving"]
+        self.log.append(f"serving={value} {ns}/{name}")
+        self.labels[name]["wattplane.io/serving"] = value
+        if value == "false":
+            self.listed.discard(name)  # the EndpointSlice controller drops it
+        else:
+            self.listed.add(name)
+
+    def list_namespaced_endpoint_slice(self, ns: str) -> Any:
+        refs = [SimpleNamespace(target_ref=SimpleNamespace(kind="Pod", uid=f"uid-{n}", name=n)) for n in self.listed]
+        return SimpleNamespace(items=[SimpleNamespace(endpoints=refs)])
+
+
+def test_drain_fence_evict_then_lift_and_an_operators_cordon_stays() -> None:
+    from controller.executor.evictions import NodeFence, ServingDrain
+
+    core = FencedCore({("ns", "a"): "n0", ("ns", "b"): "n1"}, cordoned=frozenset({"n1"}))
+    moves = [MigratePod(pod="ns/a", from_node="n0", to_node="n2", deployment="ns/llama"),
+             MigratePod(pod="ns/b", from_node="n1", to_node="n2", deployment="ns/llama")]
+    drain = ServingDrain(core, core, drain_s=0.0, sleep=lambda s: None)
+    report = apply_migrations(core, moves, MigrationLimits(max_concurrent=1), drain=drain, fence=NodeFence(core),
+                              sleep=lambda s: None)
+    assert report.evicted == 2
+    # a: out of service, its node fenced, evicted, the fence lifted once it was gone; n1 was cordoned by
+    # an operator, so it is neither cordoned again nor uncordoned
+    assert core.log == ["serving=false ns/a", "cordon n0", "evict ns/a", "uncordon n0",
+                        "serving=false ns/b", "evict ns/b"]
+    assert core.nodes["n1"]["unschedulable"] and not core.nodes["n0"]["unschedulable"]
+    assert all(not n["annotations"] for n in core.nodes.values())
+
+
+def test_a_blocked_eviction_puts_the_replica_back_in_service_and_lifts_the_fence() -> None:
+    from controller.executor.evictions import NodeFence, ServingDrain, lift_stale_fences
+
+    core = FencedCore({("ns", "a"): "n0"}, protected=frozenset({"a"}))
+    drain = ServingDrain(core, core, drain_s=0.0, sleep=lambda s: None)
+    report = apply_migrations(core, [MigratePod(pod="ns/a", from_node="n0", to_node="n1", deployment="ns/m")],
+                              MigrationLimits(), drain=drain, fence=NodeFence(core), sleep=lambda s: None)
+    assert report.outcomes == {"ns/a": MigrationOutcome.BLOCKED_BY_PDB}
+    assert core.log == ["serving=false ns/a", "cordon n0", "serving=true ns/a", "uncordon n0"]
+    assert core.labels["a"]["wattplane.io/serving"] == "true" and "a" in core.listed
+    # a crashed run's fence (annotation still on the node) is lifted before the next batch
+    core.patch_node("n2", {"metadata": {"annotations": {"wattplane.io/fenced-for-migration": "true"}},
+                           "spec": {"unschedulable": True}})
+    assert lift_stale_fences(core) == ["n2"] and not core.nodes["n2"]["unschedulable"]
