@@ -164,6 +164,8 @@ async def _worker_main(spec: ShardSpec, conn: Connection) -> None:
         while not done.done():
             await asyncio.wait([done], timeout=spec.flush_s)
             hub.forget(forget_after)  # the controller process keeps merged state; a shard only its streams
+            if any(r.state is CommandState.DONE for r in hub.commands.values()):  # results went up already
+                hub.commands = {c: r for c, r in hub.commands.items() if r.state is not CommandState.DONE}
             payload = batch.take()
             try:
                 await loop.run_in_executor(None, conn.send, payload)
@@ -230,7 +232,11 @@ class ShardedHub(TelemetryHub):
             self.port = self._reserve.getsockname()[1]
         for i in range(self.shards):
             self._spawn(i)
-        await asyncio.wait_for(asyncio.gather(*(self._ready[i] for i in range(self.shards))), timeout_s)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(self._ready[i] for i in range(self.shards))), timeout_s)
+        except BaseException:
+            await self.stop()  # no half-started hub: the caller sees the error, no shard lingers
+            raise
         self.start_sweeper()  # staleness is judged on the merged view
         return self.port
 
@@ -308,8 +314,10 @@ class ShardedHub(TelemetryHub):
         if self._stopping:
             return
         ready = self._ready.get(index)
-        if ready is not None and not ready.done():
+        if ready is not None and not ready.done():  # never served (e.g. cannot bind): do not respawn in a loop
             ready.set_exception(RuntimeError(f"telemetry shard {index} exited before serving"))
+            self._procs.pop(index, None)
+            return
         log.error("telemetry shard %d exited; its agents reconnect to the others%s", index,
                   "; restarting it" if self.restart else "")  # fmt: skip
         self._procs.pop(index, None)

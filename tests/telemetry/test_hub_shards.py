@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import socket
 from collections.abc import Awaitable, Callable
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from agents.agent import Agent, AgentConfig
@@ -160,5 +162,21 @@ def test_a_node_whose_agent_stops_goes_stale_in_the_merged_view() -> None:
         finally:
             await stopped(agents[1:], tasks[1:])
             await hub.stop()
+
+    run(body())
+
+
+def test_shards_that_cannot_bind_fail_start_cleanly_without_respawning() -> None:
+    async def body() -> None:
+        with socket.socket() as taken:  # a listener without SO_REUSEPORT: nobody may share its port
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            hub = ShardedHub(
+                functools.partial(StaticTokenAuthenticator, {TOKEN: "sim"}), shards=2, port=taken.getsockname()[1]
+            )
+            with pytest.raises(RuntimeError, match="exited before serving"):
+                await hub.start(timeout_s=30)
+            assert hub.restarts == 0
+            assert all(not p.is_alive() for p in hub._procs.values())
 
     run(body())
