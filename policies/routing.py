@@ -77,9 +77,11 @@ class RoutingConfig(Frozen):
     release_margin: Fraction = 0.15  # shift back only while utilisation stays below target - margin
     time_limit_s: PosFloat = 1.0
     fixed_fallback_share: Fraction | None = None  # plan_threshold only; None: the most the floor allows
-    drain_s: PosFloat = 30.0  # requests queued at the large model should be drained within this long
-    ttft_pressure: Fraction = 0.6  # measured TTFT p99 above this x SLO lowers the target utilisation
-    ttft_release: Fraction = 0.4  # shift back only while TTFT p99 is below this x SLO (and nothing queues)
+    # queue-aware knobs, chosen on the bench's capacity cases (docs/benchmarks.md ## routing): a lower
+    # ttft_pressure buys SLO attainment with fallback share, so it trades quality away
+    drain_s: PosFloat = 15.0  # requests queued at the large model should be drained within this long
+    ttft_pressure: Fraction = 0.9  # measured TTFT p99 above this x SLO lowers the target utilisation
+    ttft_release: Fraction = 0.6  # shift back only while TTFT p99 is below this x SLO (and nothing queues)
     min_utilisation_factor: Fraction = 0.5  # TTFT pressure lowers the target utilisation at most to this x
     queue_release: NonNegFloat = 1.0  # requests queued at the large model above which nothing shifts back
     profiles: ProfileTable = Field(default_factory=default_table)

@@ -37,6 +37,7 @@ from policies.difficulty import (
     LENGTH_BUCKETS,
     CalibrationBin,
     RouterWeights,
+    encode_f16,
     hashed_features,
     length_bucket,
     score_many,
@@ -213,12 +214,11 @@ def ridge(design: Design, y: np.ndarray, lam: float, iters: int = 300) -> np.nda
 def to_weights(w: np.ndarray, subjects: Sequence[str], use_subject: bool) -> RouterWeights:
     len_base = BUCKETS
     subj_base = len_base + len(LENGTH_BUCKETS) + 1
-    hashed = {int(i): float(f"{w[i]:.4g}") for i in np.nonzero(np.abs(w[:BUCKETS]) > 1e-4)[0]}
     return RouterWeights(
         buckets=BUCKETS,
         char_ngrams=CHAR_NGRAMS,
         bias=float(w[-1]),
-        weights=hashed,
+        dense_f16=encode_f16(w[:BUCKETS]),
         length_weights={i: float(w[len_base + i]) for i in range(len(LENGTH_BUCKETS) + 1)},
         subject_weights={s: float(w[subj_base + j]) for j, s in enumerate(subjects)} if use_subject else {},
     )

@@ -8,7 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from policies.difficulty import RouterWeights, Scorer, hashed_features, length_bucket, score, weights_from_json
+from policies.difficulty import (
+    RouterWeights,
+    Scorer,
+    encode_f16,
+    hashed_features,
+    hashed_vector,
+    length_bucket,
+    score,
+    weights_from_json,
+)
 from wattplane.train_router import Question, apgr_cpt, evaluate, fit, load_questions, split_by_question
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "policies" / "data" / "router_weights.json"
@@ -37,6 +46,20 @@ def test_dense_scorer_matches_reference_score() -> None:
     for text, subject in (("What is 2+2?\nA. 3\nB. 4\nAnswer:", None), ("Define entropy." * 40, "college_physics"),
                           ("", None)):
         assert scorer.score(text, subject) == pytest.approx(score(w, text, subject), abs=1e-9)
+
+
+def test_compact_f16_weights_score_like_the_mapping() -> None:
+    rng = np.random.default_rng(3)
+    dense = rng.normal(0, 0.01, 1 << 10)
+    mapping = RouterWeights(buckets=1 << 10, char_ngrams=(3, 4), bias=0.1,
+                            weights={i: float(v) for i, v in enumerate(dense)})
+    compact = RouterWeights(buckets=1 << 10, char_ngrams=(3, 4), bias=0.1, dense_f16=encode_f16(dense))
+    assert np.allclose(hashed_vector(compact), dense, rtol=1e-3, atol=1e-7)
+    text = "Which enzyme unwinds the DNA double helix during replication?"
+    assert score(compact, text) == pytest.approx(score(mapping, text), abs=1e-4)
+    assert Scorer(compact).score(text) == pytest.approx(score(compact, text), abs=1e-9)
+    with pytest.raises(ValueError, match="buckets"):
+        hashed_vector(compact.model_copy(update={"buckets": 1 << 11}))
 
 
 def test_length_buckets_are_ordered() -> None:
