@@ -209,6 +209,7 @@ def domain_gpus(
     pools = {p.name: p for p in snapshot.pools}
     specs = {n.name: pools[n.pool].accelerator for n in snapshot.nodes if n.pool in pools}
     deployments = {d.name: d for d in snapshot.deployments}
+    placed = workload_priorities(snapshot, members)
     seen: set[tuple[str, int]] = set()
     views: list[GPUView] = []
     fixed = 0.0
@@ -238,6 +239,8 @@ def domain_gpus(
         priority = t.priority
         if priority is None and t.deployment in deployments:
             priority = deployments[t.deployment].priority
+        if priority is None:  # what the snapshot's pods say runs on this GPU (or, unambiguously, this node)
+            priority = placed.get((t.node, t.index), placed.get((t.node, -1)))
         views.append(
             GPUView(key, t.node, t.index, spec, priority or PriorityClass.STANDARD, t.power_w, current,
                     min(token, spec.max_power_w), pinned, prefill, prompt_w)
@@ -248,6 +251,30 @@ def domain_gpus(
             missing = sum(1 for i in range(n.gpus) if (n.name, i) not in seen)
             fixed += missing * (spec.max_power_w if spec else 0.0)
     return tuple(views), fixed
+
+
+def workload_priorities(snapshot: Snapshot, nodes: set[str]) -> dict[tuple[str, int], PriorityClass]:
+    """Priority of the work on each GPU from the snapshot's pods: ``(node, index)`` for pods that know
+    their devices, ``(node, -1)`` for a node whose pods are all of one class.
+
+    Telemetry from a live cluster does not say which workload a GPU serves (the kubelet assigns
+    device indices), but the pods on a node do; a node mixing classes gets no node-wide priority.
+    """
+    deployments = {d.name: d for d in snapshot.deployments}
+    per_gpu: dict[tuple[str, int], PriorityClass] = {}
+    per_node: dict[str, set[PriorityClass]] = {}
+    for pod in snapshot.pods:
+        if pod.node is None or pod.node not in nodes or not pod.num_gpu:
+            continue
+        d = deployments.get(pod.deployment) if pod.deployment else None
+        priority = d.priority if d is not None else pod.priority
+        for i in pod.gpu_indices:
+            per_gpu[(pod.node, i)] = priority
+        per_node.setdefault(pod.node, set()).add(priority)
+    for node, classes in per_node.items():
+        if len(classes) == 1:
+            per_gpu[(node, -1)] = next(iter(classes))
+    return per_gpu
 
 
 def _weight(config: PowerConfig, priority: PriorityClass) -> float:
@@ -837,5 +864,5 @@ def _worst(statuses: list[SolverStatus]) -> SolverStatus:
 __all__ = [
     "DomainResult", "GPUMemory", "GPUView", "Option", "OptionTable", "PowerConfig", "PowerState", "Solution",
     "build_model", "cap_levels", "domain_gpus", "domain_metrics", "next_state_json", "option_table", "options_for",
-    "plan_power", "polish", "solve", "solve_greedy", "solve_greedy_table", "solve_table",
+    "plan_power", "polish", "solve", "solve_greedy", "solve_greedy_table", "solve_table", "workload_priorities",
 ]

@@ -309,6 +309,32 @@ def test_burst_room_counts_demand_rises_not_a_brake_lifting() -> None:
     assert volatility_allowance(state.domains["row"], config) == pytest.approx(1200.0)
 
 
+def test_priority_comes_from_the_pods_when_telemetry_does_not_say() -> None:
+    """A live cluster's telemetry names no workload: the snapshot's pods (by device, else by node) do."""
+    from policies.snapshot import ModelDeployment, ModelShape, Pod
+
+    shape = ModelShape(name="m", params_b=8, active_params_b=8)
+    deployments = (ModelDeployment(name="ns/batch", model=shape, priority=BE),
+                   ModelDeployment(name="ns/chat", model=shape, priority=LC))
+    pods = (Pod(name="ns/b0", node="n0", num_gpu=1, gpu_milli=1000, deployment="ns/batch"),
+            Pod(name="ns/c0", node="n1", num_gpu=1, gpu_milli=1000, deployment="ns/chat"),
+            Pod(name="ns/b1", node="n2", num_gpu=1, gpu_milli=1000, deployment="ns/batch", gpu_indices=(0,)),
+            Pod(name="ns/c1", node="n2", num_gpu=1, gpu_milli=1000, deployment="ns/chat", gpu_indices=(1,)))
+    tel = tuple(GPUTelemetry(node=f"n{i // 2}", index=i % 2, power_w=650.0) for i in range(6))
+    snap = Snapshot(now=0.0, pools=(Pool(name="h100", accelerator=H100, gpus_per_node=2, cost_per_device_hour=2.0),),
+                    nodes=tuple(Node(name=f"n{i}", pool="h100", gpus=2, power_domain="row") for i in range(3)),
+                    power_domains=(PowerDomain(name="row", budget_w=3700.0, safety_margin=0.05),),
+                    deployments=deployments, pods=pods, gpu_telemetry=tel)
+    from policies.power import domain_gpus
+
+    gpus, _ = domain_gpus(snap, snap.power_domains[0], PowerState())
+    assert {g.key: g.priority for g in gpus} == {"n0/0": BE, "n0/1": BE, "n1/0": LC, "n1/1": LC,
+                                                 "n2/0": BE, "n2/1": LC}
+    plan = plan_power(snap, PowerConfig(), PowerState())
+    capped = {f"{a.node}/{a.gpu}" for a in plan.actions if isinstance(a, SetPowerCap) and a.power_limit_w}
+    assert capped and capped <= {"n0/0", "n0/1", "n2/0"}  # only best-effort work is capped
+
+
 # -- the vectorised path (large domains) is the scalar model, bit for bit ------------------------
 
 A100 = AcceleratorSpec(
