@@ -47,13 +47,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--failsafe-after", type=float, default=10.0, help="seconds without a controller before fail-safe"
     )
     parser.add_argument(
-        "--engine", action="append", default=[], metavar="DEPLOYMENT=URL", help="engine /metrics to scrape"
+        "--engine", action="append", default=[], metavar="DEPLOYMENT[:GPU,...]=URL",
+        help="engine /metrics to scrape; the GPU indices it runs on get its prompt-phase share (default: all)",
     )
     sim = parser.add_argument_group("simulated source")
     sim.add_argument("--sim-gpus", type=int, default=8)
     sim.add_argument("--sim-load", type=float, nargs=2, default=(0.1, 0.6), metavar=("PREFILL", "DECODE"))
     sim.add_argument("--trace", type=Path, default=None, help="request trace CSV (Azure LLM trace columns) as load")
     parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def parse_engine(spec: str) -> EngineTarget | None:
+    """``DEPLOYMENT[:GPU,...]=URL`` -> a scrape target (None when malformed)."""
+    head, sep, url = spec.partition("=")
+    deployment, _, gpus = head.partition(":")
+    if not sep or not url or not deployment:
+        return None
+    try:
+        indices = tuple(int(g) for g in gpus.split(",") if g.strip()) if gpus else ()
+    except ValueError:
+        return None
+    if any(i < 0 for i in indices):
+        return None
+    return EngineTarget(deployment=deployment, url=url, gpus=indices)
 
 
 def build_source(args: argparse.Namespace) -> GPUSource:
@@ -76,11 +92,11 @@ def run(args: argparse.Namespace) -> int:
         return 3
     targets = []
     for spec in args.engine:
-        deployment, sep, url = spec.partition("=")
-        if not sep or not url:
-            sys.stderr.write(f"wattplane agent: --engine wants DEPLOYMENT=URL, got {spec!r}\n")
+        target = parse_engine(spec)
+        if target is None:
+            sys.stderr.write(f"wattplane agent: --engine wants DEPLOYMENT[:GPU,...]=URL, got {spec!r}\n")
             return 2
-        targets.append(EngineTarget(deployment=deployment, url=url))
+        targets.append(target)
     config = AgentConfig(
         node_name=args.node_name,
         target=args.hub,

@@ -97,3 +97,16 @@ def test_engine_share_goes_to_the_engines_gpus_and_the_source_wins() -> None:
 def test_simulated_source_reports_its_phase_mix() -> None:
     src = SimulatedSource(gpus=2, load=constant_load(0.25, 0.5))
     assert [s.prefill_fraction for s in src.sample()] == [0.25, 0.25]
+
+
+def test_engine_flag_names_the_gpus_an_engine_runs_on() -> None:
+    from agents.main import parse_engine
+
+    t = parse_engine("ns/llama:0,1,2,3=http://127.0.0.1:8000/metrics")
+    assert t is not None and t.gpus == (0, 1, 2, 3)
+    assert (t.deployment, t.url) == ("ns/llama", "http://127.0.0.1:8000/metrics")
+    t = parse_engine("ns/llama=http://127.0.0.1:8000/metrics")
+    assert t is not None and t.gpus == ()  # all of the node's GPUs
+    assert parse_engine("ns/llama:a=http://x") is None
+    assert parse_engine("ns/llama:-1=http://x") is None
+    assert parse_engine("no-url") is None
