@@ -36,7 +36,7 @@ import itertools
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -196,6 +196,8 @@ class TelemetryHub:
         self.stale_marked = 0  # nodes the sweep found newly stale
         self.on_stale: Callable[[list[str]], None] | None = None  # told which nodes just went stale
         self._sweeper: asyncio.Task[None] | None = None
+        # a shard's source of the last seq stored for an agent new to it (it may have moved from another)
+        self.seq_hint: Callable[[pb.NodeHello], Awaitable[int]] | None = None
 
     # -- the gRPC side ------------------------------------------------------------------
     def handler(self) -> grpc.GenericRpcHandler:
@@ -233,7 +235,10 @@ class TelemetryHub:
                 )
             hello = await self._read_hello(messages, identity)
             session = self._open_session(hello, identity)
-            await context.write(self._welcome(hello, self.nodes[hello.node_name].last_seq))
+            state = self.nodes[hello.node_name]
+            if self.seq_hint is not None and state.last_seq == 0 and hello.instance_id:
+                state.last_seq = await self.seq_hint(hello)  # a shard asks what the merged view stored
+            await context.write(self._welcome(hello, state.last_seq))
             writer = asyncio.create_task(self._write_loop(session, context))
             self._resend_pending(session)
             await self._read_loop(session, messages)

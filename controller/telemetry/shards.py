@@ -42,6 +42,9 @@ from protos.wattplane.v1 import agent_pb2 as pb
 log = logging.getLogger(__name__)
 
 
+SEQ_HINT_TIMEOUT_S = 0.5  # a shard waits this long for the merged view's seq before welcoming an agent
+
+
 @dataclass(frozen=True)
 class ShardSpec:
     """What a worker process needs; picklable (the authenticator is built in the worker)."""
@@ -136,6 +139,25 @@ async def _worker_main(spec: ShardSpec, conn: Connection) -> None:
     tune_for_streams()
     conn.send(("ready", port))
     done = loop.create_future()
+    flush_now = asyncio.Event()
+    asked: dict[int, asyncio.Future[int]] = {}
+    ids = iter(range(1, 1 << 62))
+
+    async def seq_hint(hello: pb.NodeHello) -> int:
+        """Ask the controller process which seq of this agent instance it holds, so an agent that moved
+        here from a dead shard re-sends only what was never stored (not its whole unconfirmed ring)."""
+        rid = next(ids)
+        fut = asked[rid] = loop.create_future()
+        batch.events.append(("seq?", rid, hello.node_name, hello.instance_id))
+        flush_now.set()
+        try:
+            return await asyncio.wait_for(fut, SEQ_HINT_TIMEOUT_S)
+        except TimeoutError:
+            return 0  # the agent re-sends its unconfirmed reports; the merged view drops what it holds
+        finally:
+            asked.pop(rid, None)
+
+    hub.seq_hint = seq_hint
 
     def on_message() -> None:
         try:
@@ -147,6 +169,10 @@ async def _worker_main(spec: ShardSpec, conn: Connection) -> None:
                     if node in hub._sessions:  # else the node moved: the controller re-routes on its open
                         cmd = pb.Command.FromString(raw)
                         hub.send_command(node, cmd, command_id=cmd.id)
+                elif kind == "seq":
+                    fut = asked.get(msg[1])
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg[2])
                 elif kind == "accept":
                     hub.set_accepting(msg[1])
                 elif kind == "shares":
@@ -162,7 +188,9 @@ async def _worker_main(spec: ShardSpec, conn: Connection) -> None:
     forget_after = 10 * spec.config.stale_after_s
     try:
         while not done.done():
-            await asyncio.wait([done], timeout=spec.flush_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(flush_now.wait(), spec.flush_s)
+            flush_now.clear()
             hub.forget(forget_after)  # the controller process keeps merged state; a shard only its streams
             if any(r.state is CommandState.DONE for r in hub.commands.values()):  # results went up already
                 hub.commands = {c: r for c, r in hub.commands.items() if r.state is not CommandState.DONE}
@@ -348,6 +376,12 @@ class ShardedHub(TelemetryHub):
                     self._close_session(gone)
             elif kind == "result":
                 self._record_result(pb.CommandResult.FromString(event[1]))
+            elif kind == "seq?":
+                _, rid, name, instance = event
+                state = self.nodes.get(name)
+                seq = state.last_seq if state is not None and state.instance == instance else 0
+                with contextlib.suppress(OSError, ValueError):
+                    self._conns[index].send(("seq", rid, seq))
         now_ns = time.time_ns()
         parse = pb.AgentMessage.FromString
         for name, (raw, stored_at, _n, kept) in batch["reports"].items():
