@@ -13,9 +13,10 @@ the pipe of the shard holding the node's stream and is re-sent on the next open 
 shard until its result comes back (at least once, ids de-duplicate).
 
 A shard that dies: its nodes are marked disconnected, its agents reconnect (the kernel now sends
-them to the surviving listeners) and the shard is restarted; nothing else is disturbed. Known
-cost of a move: the new shard does not know the seq the old one stored, so the agent re-sends its
-unconfirmed reports once; the merged view never goes back to an older seq.
+them to the surviving listeners) and the shard is restarted; nothing else is disturbed. A shard
+welcomes an agent new to it with the seq the merged view holds for that agent instance (one round
+trip over the pipe, bounded by ``SEQ_HINT_TIMEOUT_S``), so a moved agent re-sends only reports that
+were never stored; the merged view never goes back to an older seq either way.
 """
 
 from __future__ import annotations
