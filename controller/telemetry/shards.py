@@ -345,11 +345,15 @@ class ShardedHub(TelemetryHub):
         ready = self._ready.get(index)
         if ready is not None and not ready.done():  # never served (e.g. cannot bind): do not respawn in a loop
             ready.set_exception(RuntimeError(f"telemetry shard {index} exited before serving"))
-            self._procs.pop(index, None)
+            failed = self._procs.pop(index, None)
+            if failed is not None:
+                loop.run_in_executor(None, failed.join, 10.0)
             return
         log.error("telemetry shard %d exited; its agents reconnect to the others%s", index,
                   "; restarting it" if self.restart else "")  # fmt: skip
-        self._procs.pop(index, None)
+        dead = self._procs.pop(index, None)
+        if dead is not None:  # reap it off the loop thread (it may take a moment to finish exiting)
+            loop.run_in_executor(None, dead.join, 10.0)
         if self.restart:
             self.restarts += 1
             self._spawn(index)
