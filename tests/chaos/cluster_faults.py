@@ -32,7 +32,7 @@ class Controller:
 
     def __init__(self, kubeconfig: Path, log_dir: Path, lease: str, identity: str, *, faults: str = "",
                  seed: int = 0, lease_duration_s: float = 3.0, renew_deadline_s: float | None = None,
-                 resync_s: float = 5.0) -> None:
+                 resync_s: float = 5.0, extra_args: tuple[str, ...] = ()) -> None:
         self.identity = identity
         self.port = free_port()
         self.log_path = log_dir / f"controller-{identity}.log"
@@ -41,7 +41,7 @@ class Controller:
         args = [sys.executable, "-m", "wattplane", "controller", "--kubeconfig", str(kubeconfig),
                 "--metrics-port", str(self.port), "--lease-name", lease, "--identity", identity,
                 "--lease-duration", str(lease_duration_s), "--renew-deadline", str(renew),
-                "--retry-period", "0.3", "--resync", str(resync_s), "--log-level", "INFO"]
+                "--retry-period", "0.3", "--resync", str(resync_s), "--log-level", "INFO", *extra_args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "WATTPLANE_FAULT_POINTS": faults,
                "WATTPLANE_FAULT_SEED": str(seed), "WATTPLANE_FAULT_LOG": str(self.fault_log)}
         with self.log_path.open("ab") as log:
