@@ -82,9 +82,16 @@ def test_agents_spread_over_shards_and_the_merged_view_sees_them_all() -> None:
 
             registry = CollectorRegistry()
             register(hub, registry)
+            hub.set_power_domains({n: ("dom-a" if i % 2 else "dom-b") for i, n in enumerate(names)})
             text = generate_latest(registry).decode()
             power_lines = [ln for ln in text.splitlines() if ln.startswith("wattplane_gpu_power_watts{")]
             assert len(power_lines) == AGENTS * 4  # each GPU exported once, whichever shard holds it
+            domains = [ln for ln in text.splitlines() if ln.startswith("wattplane_domain_power_watts{")]
+            assert sorted(ln.split("}")[0] for ln in domains) == [
+                'wattplane_domain_power_watts{domain="dom-a"',
+                'wattplane_domain_power_watts{domain="dom-b"',
+            ]  # one series per domain, summed over nodes on both shards
+            assert all(float(ln.split()[-1]) > 0 for ln in domains)
             assert hub.reports_total >= 3 * AGENTS and not hub.rejected
 
             # a command to a node on each shard reaches its agent and the result comes back
