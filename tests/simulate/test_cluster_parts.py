@@ -95,3 +95,14 @@ def test_the_routers_share_moves_load_to_the_fallback() -> None:
     assert req_routed[:, 0].sum() < req_plain[:, 0].sum() and req_routed[:, 1].sum() > req_plain[:, 1].sum()
     assert routed.routed == pytest.approx(0.5 * req_plain[:, 0].sum()) and routed.addressed == plain.addressed
     assert routed.quality_loss > 0 and plain.quality_loss == 0
+
+
+def test_a_replica_loading_its_weights_holds_gpus_but_serves_nothing() -> None:
+    cold = [PodView(p.name, p.node, p.deployment, p.pool, p.gpus, True, warm=p.deployment != 0) for p in _pods(2, 1)]
+    fleet = _run(cold)
+    assert np.array(fleet.series.served)[:, 0].sum() == 0 and _slo(fleet, 0) == 0.0
+    assert fleet.gpu_load("h100-0000", 0) == (0.0, 0.0)  # idle draw while loading
+    # its engine still reports the requests queueing for it, so the controller sees the load
+    samples = fleet.replica_samples("h100-0000")
+    assert [s.deployment for s in samples] == ["ns/big"] and samples[0].requests_per_s > 0
+    assert np.array(fleet.series.served)[:, 1].sum() > 0  # the warm 8B serves

@@ -190,6 +190,7 @@ class ClusterRun:
         self.log_dir = options.log_dir or Path(tempfile.mkdtemp(prefix="wattplane-sim-"))
         self.log_path = self.log_dir / f"controller-{self.run_id}.log"
         self.metrics_url = ""
+        self.running_since: dict[str, float] = {}  # pod uid -> when first seen Running (wall, monotonic)
 
     # -- the run -----------------------------------------------------------------------------------
     def run(self, progress: Any = None) -> ClusterReport:
@@ -199,6 +200,7 @@ class ClusterRun:
         try:
             load = generate_load(self.scenario, self.seed, self.base_dir, self.data_dir)
             fleet = LiveFleet(self.scenario, load, self.namespace)
+            self._note_unsupported()
             self._setup()
             hub = self._start_controller()
             self._start_agents(hub, fleet)
@@ -219,6 +221,16 @@ class ClusterRun:
         return report
 
     # -- setup -------------------------------------------------------------------------------------
+    def _note_unsupported(self) -> None:
+        sc = self.scenario
+        if sc.background.count or sc.background.pods_csv:
+            self.notes.append("background pods are not created on a cluster run (serving load only)")
+        if sc.faults:
+            self.notes.append("faults are not injected on a cluster run")
+        if any(getattr(sc.policies, st).period_s for st in ("forecast", "routing", "placement", "moe", "power",
+                                                          "rescheduling")):
+            self.notes.append("stage period_s is not expressible in a FleetPolicy: every stage runs each cycle")
+
     def _setup(self) -> None:
         self._ensure_crds()
         self.kube.request("POST", "/api/v1/namespaces", body={
@@ -389,18 +401,18 @@ class ClusterRun:
         window = min(self.scenario.control_period_s, self.scenario.duration_s)
         period_wall = max(1.0, self.scenario.control_period_s / self.opt.time_scale)
         stable_since = time.monotonic()
-        last: dict[tuple[str, str], tuple[int, int]] = {}
+        last: dict[Any, Any] = {}  # desired/ready per (deployment, pool) and the router's shares
         deadline = t0 + self.opt.ready_timeout_s
         while time.monotonic() < deadline:
             pods = self._pods(deps, pools)
             fleet.step(0.0, window, pods, self.nodes, lambda n: self.sources[n].limits_w(),
                        self._shares(fleet))
             fleet.backlog[:] = 0.0  # each pass is the same opening window, not a growing queue
-            now = {}
+            now: dict[Any, Any] = {("route", d): round(v, 2) for d, v in self._shares(fleet).items()}
             for m in self.kube.list("ModelDeployment", self.namespace)["items"]:
                 for e in (m.get("status") or {}).get("pools") or []:
                     now[(m["metadata"]["name"], e["pool"])] = (int(e.get("replicas", 0)), int(e.get("ready", 0)))
-            if now != last or any(want_n != ready_n for want_n, ready_n in now.values()):
+            if now != last or any(v[0] != v[1] for k, v in now.items() if k[0] != "route"):
                 stable_since, last = time.monotonic(), now
             elif time.monotonic() - stable_since >= 2 * period_wall:
                 break
@@ -408,6 +420,8 @@ class ClusterRun:
         else:
             self.notes.append(f"warm-up: replicas still changing after {self.opt.ready_timeout_s:g}s; load started")
         fleet.reset()
+        # the fleet the warm-up converged to starts warm, as a scenario's initial fleet does in memory
+        self.running_since = {uid: -math.inf for uid in self.running_since}
         return time.monotonic() - t0
 
     def _shares(self, fleet: LiveFleet) -> dict[int, float]:
@@ -478,8 +492,13 @@ class ClusterRun:
             gpus = sum(int(((c.get("resources") or {}).get("limits") or {}).get(GPU_RESOURCE, 0) or 0)
                        for c in p["spec"].get("containers") or [])
             node = p["spec"].get("nodeName") or ""
-            out.append(PodView(p["metadata"]["name"], node, d, pool, gpus,
-                               (p.get("status") or {}).get("phase") == "Running" and bool(node)))
+            running = (p.get("status") or {}).get("phase") == "Running" and bool(node)
+            uid = p["metadata"].get("uid", p["metadata"]["name"])
+            if running:
+                self.running_since.setdefault(uid, time.monotonic())
+            warm = running and (time.monotonic() - self.running_since.get(uid, math.inf)) * self.opt.time_scale \
+                >= self.scenario.replica_startup_s
+            out.append(PodView(p["metadata"]["name"], node, d, pool, gpus, running, warm))
         return out
 
     def _observe_desired(self) -> None:

@@ -43,6 +43,7 @@ class PodView:
     pool: int
     gpus: int
     running: bool
+    warm: bool = True  # Running for ``replica_startup_s`` (simulated): weights loaded, it serves
 
 
 class ScenarioSource(SimulatedSource):
@@ -189,11 +190,19 @@ class LiveFleet:
         n_dep, n_pool = len(self.deps), len(sc.pools)
         gpus_ready = np.zeros((n_dep, n_pool))
         thr_sum = np.zeros((n_dep, n_pool))
-        dep_gpus: dict[str, list[int]] = {}
+        dep_gpus: dict[str, list[int]] = {}  # node -> deployment per GPU (-1: a replica still starting)
+        held = np.zeros(n_dep)  # GPUs of Running pods per deployment, starting ones included
+        held_on: dict[str, dict[int, int]] = {}
         for pod in sorted(pods, key=lambda p: p.name):
             if not pod.running or pod.node not in node_pool:
                 continue
             used = dep_gpus.setdefault(pod.node, [])
+            held[pod.deployment] += pod.gpus
+            on_node = held_on.setdefault(pod.node, {})
+            on_node[pod.deployment] = on_node.get(pod.deployment, 0) + pod.gpus
+            if not pod.warm:  # still loading weights: holds its GPUs (idle draw), serves nothing yet
+                used.extend([-1] * pod.gpus)
+                continue
             lims = limits(pod.node)
             for _ in range(pod.gpus):
                 g = len(used)
@@ -243,12 +252,14 @@ class LiveFleet:
         gpu_load: dict[str, list[tuple[float, float]]] = {}
         for node, used in dep_gpus.items():
             p = node_pool[node]
-            gpu_load[node] = [(float(self.prefill[d, p] * util[d]), float(util[d])) for d in used]
-        total_gpus = gpus_ready.sum(axis=1)
+            gpu_load[node] = [(float(self.prefill[d, p] * util[d]), float(util[d])) if d >= 0 else (0.0, 0.0)
+                              for d in used]
+        # every Running pod's engine counts its part of the deployment's requests (a starting engine
+        # sees them queue), so a scale-up in progress does not hide the load from the controller
         samples: dict[str, list[pb.ReplicaSample]] = {}
-        for node, used in dep_gpus.items():
-            for d in sorted(set(used)):
-                frac = used.count(d) / max(total_gpus[d], 1.0)
+        for node, per_dep in held_on.items():
+            for d, n in sorted(per_dep.items()):
+                frac = n / max(held[d], 1.0)
                 samples.setdefault(node, []).append(pb.ReplicaSample(
                     deployment=f"{self.namespace}/{self.deps[d].name}", replica=f"{node}/{self.deps[d].name}",
                     requests_per_s=float(addressed[0][d] / span * frac),
