@@ -199,6 +199,8 @@ class Router:
         self.version = Gauge("wattplane_router_table_version", "Routing table version in force (-1: none)",
                              registry=self.registry)
         self.version.set(-1)
+        Gauge("wattplane_router_info", "This router replica (metrics are per replica)", ["replica"],
+              registry=self.registry).labels(self.replica_id).set(1)
         self.stats = {"requests": 0, "prompt_tokens": 0, "output_tokens": 0}
 
     # -- OpenAI surface -----------------------------------------------------------------

@@ -162,22 +162,35 @@ def test_routing_follows_pushed_tables(served: Served) -> None:
         assert r.status_code == 200
         assert r.headers["x-wattplane-served-by"] == "small"
         assert r.headers["x-wattplane-route-reason"] == "below-threshold"
+        small_replica = r.headers["x-wattplane-router-replica"]
         assert r.json()["model"] == "small" and r.json()["choices"][0]["message"]["role"] == "assistant"
         v = next_version()
         push(served, v, share=0.0, threshold=-1e9)
         r = chat(c, prompt(rng), max_tokens=5)
         assert r.headers["x-wattplane-served-by"] == "big"
         assert r.headers["x-wattplane-route-reason"] == "above-threshold"
+        big_replica = r.headers["x-wattplane-router-replica"]
         assert r.headers["x-wattplane-table-version"] == str(v)
         # an older version is refused and the newer one stays in force
         assert not HttpRouterPort(served.base_url).push(RoutingTable(
             version=v - 1, deployment="big", fallback="small", threshold=1e9, fallback_share=1.0))
         assert chat(c, prompt(rng), max_tokens=5).headers["x-wattplane-served-by"] == "big"
-        # prometheus metrics per route
-        text = c.get("/metrics").text
+        # prometheus metrics per route, per router replica (Prometheus scrapes each; here: the proxy's pick)
+        text = metrics_of(c, small_replica)
         assert 'wattplane_router_requests_total{reason="below-threshold",route="small"}' in text
+        assert f"wattplane_router_table_version {float(v)}" in text
+        text = metrics_of(c, big_replica)
         assert 'wattplane_router_requests_total{reason="above-threshold",route="big"}' in text
         assert f"wattplane_router_table_version {float(v)}" in text
+
+
+def metrics_of(c: httpx.Client, replica: str) -> str:
+    """/metrics of one router replica: scrape through the proxy until it picks that one."""
+    for _ in range(60):
+        text = c.get("/metrics").text
+        if f'wattplane_router_info{{replica="{replica}"}} 1.0' in text:
+            return text
+    raise AssertionError(f"the proxy never routed /metrics to replica {replica}")
 
 
 def test_stale_table_falls_back_to_large_only(served: Served) -> None:
