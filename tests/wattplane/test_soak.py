@@ -59,6 +59,7 @@ def test_histogram_quantile_matches_the_observations() -> None:
     after = parse_metrics(generate_latest(reg).decode(), naming="soak-1")
     assert after.naming == 1 and before.naming == 0
     assert after.values["wattplane_reconcile_duration_seconds_count"] == 1000
+    assert set(after.by_kind) == {"md", "pool"} and after.by_kind["md"][float("inf")] == 500
     p50 = histogram_quantile(0.5, before.buckets, after.buckets)
     p99 = histogram_quantile(0.99, before.buckets, after.buckets)
     assert 0.01 <= p50 <= 0.025 and p50 == pytest.approx(float(np.percentile(obs, 50)), abs=0.003)

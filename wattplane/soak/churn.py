@@ -108,6 +108,7 @@ class ControllerProc:
 @dataclass
 class MetricsSample:
     buckets: dict[float, float]  # le -> cumulative count, summed over kinds
+    by_kind: dict[str, dict[float, float]]  # kind -> le -> cumulative count
     series: int  # samples in the exposition: grows with label sets nobody removes
     values: dict[str, float]  # plain counters/gauges summed over labels
     naming: int = 0  # samples with a label equal to ``naming`` (e.g. a namespace whose objects are all gone)
@@ -115,6 +116,7 @@ class MetricsSample:
 
 def parse_metrics(text: str, naming: str | None = None) -> MetricsSample:
     buckets: dict[float, float] = {}
+    by_kind: dict[str, dict[float, float]] = {}
     values: dict[str, float] = {}
     series = named = 0
     for fam in text_string_to_metric_families(text):
@@ -124,9 +126,11 @@ def parse_metrics(text: str, naming: str | None = None) -> MetricsSample:
             if s.name == f"{RECONCILE}_bucket":
                 le = float(s.labels["le"])
                 buckets[le] = buckets.get(le, 0.0) + s.value
+                kind = by_kind.setdefault(s.labels.get("kind", ""), {})
+                kind[le] = kind.get(le, 0.0) + s.value
             else:
                 values[s.name] = values.get(s.name, 0.0) + s.value
-    return MetricsSample(buckets, series, values, named)
+    return MetricsSample(buckets, by_kind, series, values, named)
 
 
 def histogram_quantile(q: float, start: dict[float, float], end: dict[float, float]) -> float:
@@ -446,7 +450,7 @@ def sample(c: ControllerProc, t: float, kube: Any = None, ns: str | None = None)
     m = parse_metrics(c.metrics_text(), ns)
     return {"t": t, **proc_status(c.pid), "fds": open_fds(c.pid), "cpu_s": cpu_seconds(c.pid),
             "state_bytes": state_sizes(kube) if kube is not None else {},
-            "buckets": m.buckets, "series": m.series, "series_naming_ns": m.naming,
+            "buckets": m.buckets, "by_kind": m.by_kind, "series": m.series, "series_naming_ns": m.naming,
             "reconciles": m.values.get(f"{RECONCILE}_count", 0.0),
             "api_requests": m.values.get("wattplane_api_requests_total", 0.0),
             "reconcile_errors": m.values.get("wattplane_reconcile_errors_total", 0.0),
@@ -467,6 +471,16 @@ def analyse(rows: list[dict[str, Any]], window_s: float, bounds: dict[str, float
         "last_p99_ms": 1000 * histogram_quantile(0.99, last_start["buckets"], churn_rows[-1]["buckets"]),
         "first_reconciles": first_end["reconciles"] - churn_rows[0]["reconciles"],
         "last_reconciles": churn_rows[-1]["reconciles"] - last_start["reconciles"],
+    }
+    def q(quantile: float, a: dict[str, Any], b: dict[str, Any], kind: str) -> float:
+        return 1000 * histogram_quantile(quantile, a["by_kind"].get(kind, {}), b["by_kind"][kind])
+
+    lat["per_kind"] = {
+        kind: {"first_p50_ms": q(0.5, churn_rows[0], first_end, kind),
+               "first_p99_ms": q(0.99, churn_rows[0], first_end, kind),
+               "last_p50_ms": q(0.5, last_start, churn_rows[-1], kind),
+               "last_p99_ms": q(0.99, last_start, churn_rows[-1], kind)}
+        for kind in sorted(set(first_end["by_kind"]) & set(churn_rows[-1]["by_kind"]))
     }
     lat["p50_ratio"] = lat["last_p50_ms"] / lat["first_p50_ms"] if lat["first_p50_ms"] > 0 else float("nan")
     lat["p99_ratio"] = lat["last_p99_ms"] / lat["first_p99_ms"] if lat["first_p99_ms"] > 0 else float("nan")
