@@ -25,7 +25,23 @@ SMALL = Server(out_tok_s=8000.0, in_tok_s=40000.0, replicas=1)  # 20 req/s
 
 
 def fixed(share: float) -> object:
-    return lambda now, o, i: share
+    return lambda now, o, i, serving: share
+
+
+def test_methods_see_the_large_models_queue_and_ttft() -> None:
+    arr = arrivals(8.0, 120.0)  # 1.6x the large model's capacity: its queue grows every period
+    seen: list[dict[str, float]] = []
+
+    def watch(now: float, o: float, i: float, serving: dict[str, float]) -> float:
+        seen.append(serving)
+        return 0.0
+
+    simulate(arr, LABELS, lambda t: LARGE, SMALL, 2.0, 10.0, watch, DEFAULT_CLASSES)
+    assert seen[0] == {"queue_depth": 0.0, "requests_per_s": 0.0, "ttft_p99_ms": 0.0}  # nothing seen yet
+    queues = [s["queue_depth"] for s in seen[1:]]
+    assert queues[-1] > queues[0] and queues[-1] > 100  # ~3 more requests/s than it serves
+    assert seen[-1]["ttft_p99_ms"] > 2000.0  # and the period's p99 shows it
+    assert seen[-1]["requests_per_s"] == pytest.approx(8.0, rel=0.4)
 
 
 def test_fixed_share_routes_that_share_and_relieves_the_queue() -> None:
