@@ -9,7 +9,8 @@ Questions (unique prompt texts) are split 50/50 with a fixed seed; the held-out 
 seen by training, the regularisation strength is picked on a further split of the training half
 only. Target: ``correct_large - correct_small`` in {-1, 0, 1}; model: ridge regression over the
 scorer's features (word 1-2-grams, character 3-5-grams, length, subject), solved by conjugate
-gradients on the sparse design (numpy only). The weights
+gradients on the sparse design (numpy only). The hashed weights are stored as base64 float16
+(``RouterWeights.dense_f16``: 186 KB instead of a 1.1 MB JSON mapping, same held-out metrics). The weights
 file records the data files (with SHA-256), seed, split sizes, the chosen penalty and the
 held-out metrics, so the blob can be audited and rebuilt.
 
