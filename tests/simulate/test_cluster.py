@@ -102,6 +102,10 @@ def test_quickstart_converges_on_the_cluster_and_cleans_up(test_cluster: TestClu
     for name, dep in entry["deployments"].items():
         assert dep["requests"] > 0 and dep["output_tokens"] > 0, (name, dep)
     assert metrics["dropped_share"] < 0.5 and metrics["routing_table_stale_s"] >= 0
+    final = doc["cluster"]["final"]  # read from the cluster at the end: every deployment has Ready replicas
+    assert sum(p["gpus_running"] for p in final["pools"].values()) > 0
+    for name in entry["deployments"]:
+        assert sum(r["ready"] for r in final["replicas"][name].values()) >= 1, (name, final)
     assert entry["invariant_violations"] == []
     assert (tmp_path / "out" / "report.html").exists()
     assert _wait_clean(kube) == {}

@@ -109,6 +109,7 @@ class ClusterReport:
     warmup_s: float
     notes: list[str] = field(default_factory=list)
     controller_log: Path | None = None
+    final: dict[str, Any] = field(default_factory=dict)  # the cluster at the end: pods Running, replicas
 
 
 class _Router:
@@ -208,7 +209,7 @@ class ClusterRun:
             self._drive(fleet, progress)
             result = self._result(fleet)
             report = ClusterReport(result, self.namespace, list(self.nodes_created), warmup, self.notes,
-                                   self.log_path if self.opt.log_dir else None)
+                                   self.log_path if self.opt.log_dir else None, self._final_state())
         except ClusterSimError as exc:
             raise ClusterSimError(f"{exc} (controller log: {self.log_path})") from exc
         finally:
@@ -592,6 +593,22 @@ class ClusterRun:
         return SimResult("wattplane", methods, metrics, series, labels, [], self.violations[:20],
                          self._unavailable(), per_dep)
 
+    def _final_state(self) -> dict[str, Any]:
+        """What the cluster runs at the end, read from it: Running pods and their GPUs per pool,
+        desired / ready replicas per deployment and pool (ModelDeployment status)."""
+        sc = self.scenario
+        pods = self._pods({crs_short(d.name): i for i, d in enumerate(sc.deployments)},
+                          {p.name: i for i, p in enumerate(sc.pools)})
+        per_pool = {p.name: {"pods_running": 0, "gpus_running": 0} for p in sc.pools}
+        for pod in pods:
+            if pod.running:
+                per_pool[sc.pools[pod.pool].name]["pods_running"] += 1
+                per_pool[sc.pools[pod.pool].name]["gpus_running"] += pod.gpus
+        replicas = {m["metadata"]["name"]: {e["pool"]: {"desired": e.get("replicas", 0), "ready": e.get("ready", 0)}
+                                            for e in (m.get("status") or {}).get("pools") or []}
+                    for m in self.kube.list("ModelDeployment", self.namespace)["items"]}
+        return {"pools": per_pool, "replicas": replicas}
+
     def _controller_text(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")
@@ -791,7 +808,8 @@ def cluster_json(report: ClusterReport, scenario: Scenario, seed: int, time_scal
     entry["metrics"] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in entry["metrics"].items()}
     doc["cluster"] = {
         "namespace": report.namespace, "time_scale": time_scale, "warmup_wall_s": round(report.warmup_s, 2),
-        "nodes_created": len(report.nodes_created), "not_measured": NOT_MEASURED, "metric_sources": SOURCES,
+        "nodes_created": len(report.nodes_created), "final": report.final,
+        "not_measured": NOT_MEASURED, "metric_sources": SOURCES,
         "notes": report.notes, "controller_log": str(report.controller_log) if report.controller_log else None,
     }
     return doc
