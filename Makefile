@@ -47,7 +47,7 @@ constraints: $(STAMP)
 
 ## Faults on the real test cluster (controller SIGKILLed at named points and at random times,
 ## kube-apiserver/etcd restarts, a paused leader), network faults, overload, TLS rotation (root +
-## iproute2 for network namespaces; ~10 min). Each test prints what it tried and what survived and
+## iproute2 for network namespaces; ~12 min). Each test prints what it tried and what survived and
 ## appends a record to $(CHAOS_RESULTS); the summary prints one table from it (and fails on any fault
 ## not survived or data lost). Not part of `make test`; results are recorded in docs/reliability.md.
 CHAOS_RESULTS ?= out/chaos-results.jsonl
