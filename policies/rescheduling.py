@@ -34,6 +34,7 @@ from policies.plan import Explanation, MigratePod, Plan, PolicyName, Reason, Sol
 from policies.snapshot import Frozen, NonNegFloat, NonNegInt, PosFloat, PosInt, Snapshot
 
 Clock = Callable[[], float]
+LNS_PATIENCE = 64  # neighbourhood picks in a row that repeat one already solved before the LNS stops
 
 
 class RescheduleConfig(Frozen):
@@ -382,16 +383,30 @@ def improve_lns(
     packing: Packing, budget: MoveBudget, config: RescheduleConfig, search: Search, out_of_time: Callable[[], bool],
     time_left: Callable[[], float] | None = None,
 ) -> Packing:
-    """Re-pack small groups of bins with CP-SAT while time lasts; keep only exact improvements."""
+    """Re-pack small groups of bins with CP-SAT while time lasts; keep only exact improvements.
+
+    A neighbourhood already re-packed since the last accepted change would give the same model again,
+    so it is skipped; ``LNS_PATIENCE`` such picks in a row end the search (on a small cluster every
+    pick is the whole cluster, and without a clock the tiny solves would otherwise repeat until the
+    deterministic budget or ``max_lns_steps`` — minutes of Python for nothing)."""
     rng = _Rng(config.seed)
     solver_budget = config.time_limit_s
     statuses = search.statuses if search.statuses is not None else {}
+    tried: set[tuple[int, ...]] = set()
+    repeats = 0
     for _ in range(config.max_lns_steps):
         if out_of_time() or search.solver_s >= solver_budget:
             break
         bins = choose_neighbourhood(packing, config.neighbourhood_bins, rng)
         if len(bins) < 2:
             break
+        if tuple(bins) in tried:
+            repeats += 1
+            if repeats >= LNS_PATIENCE:
+                break
+            continue
+        tried.add(tuple(bins))
+        repeats = 0
         search.lns_steps += 1
         sub = build_model(packing, bins, budget)
         if sub is None:
@@ -413,6 +428,7 @@ def improve_lns(
         new_moved = sum(1 for i in assignment if packing.assign[i] != packing.items[i].origin)
         if ok and (new_frag < old_frag - 1e-9 or (new_frag <= old_frag + 1e-9 and new_moved < old_moved)):
             search.lns_accepted += 1
+            tried.clear()  # the packing changed: every neighbourhood is worth another look
         else:
             _apply_assignment(packing, undo)
     return packing

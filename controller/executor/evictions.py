@@ -8,8 +8,9 @@ serving replica out of its Service's endpoints (:class:`ServingDrain`) and wait 
 so in-flight requests finish and no new ones arrive; (4) fence the node the pod leaves (cordon it, when it was
 not cordoned already) so the replacement cannot land back there, then evict (a blocked eviction
 puts the pod back in service and lifts the fence); (5) keep at most ``max_concurrent`` moves in
-flight before the next one; a move is over when the pod is gone and its owner's replacement has a
-node, and then the fence is lifted.
+flight (evicted pods still terminating, VM migrations running) before the next one; (6) lift a
+node's fence once the pod is gone and its owner's replacement has a node (or when the batch ends:
+a replacement that waits for a later move of the same plan must not stall the batch).
 A pod owned by a KubeVirt ``VirtualMachineInstance`` is not evicted: a
 ``VirtualMachineInstanceMigration`` live-migrates the VM (:mod:`controller.executor.vm_migrations`)
 and counts against the same concurrency.
@@ -166,6 +167,7 @@ def apply_migrations(
         report.outcomes[extra.pod] = MigrationOutcome.OVER_LIMIT
         report.messages[extra.pod] = f"plan exceeds the migration limit {limits.max_migrations}"
     in_flight: list[_InFlight] = []
+    fenced: list[_InFlight] = []  # moves whose node stays fenced until the replacement has a node
     vms: list[vmm.VMMigration] = []
     for action in actions[: limits.max_migrations]:
         ns, name = _split(action.pod)
@@ -173,7 +175,7 @@ def apply_migrations(
             report.outcomes[action.pod] = MigrationOutcome.DRY_RUN
             report.messages[action.pod] = f"would move {action.pod} from {action.from_node} (target {action.to_node})"
             continue
-        _wait_in_flight(in_flight, limits.max_concurrent - 1, limits.wait_timeout_s, sleep, clock)
+        _wait_in_flight(in_flight, limits.max_concurrent - 1, limits.wait_timeout_s, sleep, clock, fenced)
         undo: Callable[[], None] | None = None
         try:
             pod = core.read_namespaced_pod(name, ns)
@@ -211,9 +213,12 @@ def apply_migrations(
                 undo()  # still running where it was: back in service
             continue
         report.outcomes[action.pod] = MigrationOutcome.EVICTED
-        in_flight.append(_InFlight(action.pod, partial(_moved, core, ns, name, pod),
-                                   partial(fence.release, action.from_node) if fence is not None else None))
+        in_flight.append(_InFlight(action.pod, partial(_pod_gone, core, ns, name, pod.metadata.uid)))
+        if fence is not None:
+            fenced.append(_InFlight(action.pod, partial(_moved, core, ns, name, pod),
+                                    partial(fence.release, action.from_node)))
         fault_point("migration.after_evict")
+    _wait_in_flight(fenced, 0, limits.wait_timeout_s, sleep, clock)
     _wait_in_flight(in_flight, 0, max(limits.wait_timeout_s, limits.vm_migration_timeout_s if vms else 0.0),
                     sleep, clock)
     if fence is not None:
@@ -232,16 +237,22 @@ def _both(first: Callable[[], None] | None, second: Callable[[], None]) -> Calla
     return undo
 
 
-def _moved(core: Any, ns: str, name: str, pod: Any) -> bool:
-    """The evicted pod is gone and no pod of its owner waits for a node (the replacement was placed)."""
+def _pod_gone(core: Any, ns: str, name: str, uid: str) -> bool:
     from kubernetes import client
 
     try:
-        if core.read_namespaced_pod(name, ns).metadata.uid == pod.metadata.uid:
-            return False
+        return bool(core.read_namespaced_pod(name, ns).metadata.uid != uid)
     except client.ApiException as exc:
         if exc.status != 404:
             raise
+        return True
+
+
+def _moved(core: Any, ns: str, name: str, pod: Any) -> bool:
+    """The evicted pod is gone and no pod of its owner waits for a node (the replacement was placed)."""
+
+    if not _pod_gone(core, ns, name, pod.metadata.uid):
+        return False
     owners = {o.uid for o in getattr(pod.metadata, "owner_references", None) or [] if o.controller}
     if not owners:
         return True
@@ -253,10 +264,14 @@ def _moved(core: Any, ns: str, name: str, pod: Any) -> bool:
 
 
 def _wait_in_flight(in_flight: list[_InFlight], allowed: int, timeout_s: float,
-                    sleep: Callable[[float], None], clock: Callable[[], float]) -> None:
-    """Block until at most ``allowed`` moves are still under way (or the timeout passes)."""
+                    sleep: Callable[[float], None], clock: Callable[[], float],
+                    also: list[_InFlight] | None = None) -> None:
+    """Block until at most ``allowed`` moves are still under way (or the timeout passes); ``also`` is
+    polled on the way (fences lifted as soon as their replacement has a node)."""
     deadline = clock() + timeout_s
     while True:
+        if also is not None:
+            also[:] = [m for m in also if not m.done()]
         in_flight[:] = [m for m in in_flight if not m.done()]
         if len(in_flight) <= max(allowed, 0) or clock() > deadline:
             return

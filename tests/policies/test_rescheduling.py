@@ -296,3 +296,15 @@ def test_exchange_beats_greedy_where_an_early_move_lost_its_value(seed: int, mnl
     assert rescore(snap, plan.actions).fragment() < greedy.fragment() - 1e-6
     assert plan.explanation.objective == pytest.approx(rescore(snap, plan.actions).fragment())
     assert plan.explanation.solver_status is not SolverStatus.HEURISTIC and plan.explanation.fallback is None
+
+
+def test_lns_on_a_small_cluster_stops_when_neighbourhoods_repeat() -> None:
+    """Six nodes, three 8-GPU replicas waiting: every neighbourhood is (nearly) the whole cluster. Without
+    a clock the LNS used to re-solve it until the deterministic budget — minutes in the controller."""
+    pods = [whole(f"p{k}", f"n{k}", gpus=4, pdb="pdb") for k in range(6)]
+    pods += [whole(f"big{k}", None, gpus=8) for k in range(3)]
+    snap = make_snapshot(pods, nodes=6, pdbs=(PodDisruptionBudget(name="pdb", max_unavailable=1),))
+    plan = plan_reschedule(snap, RescheduleConfig(mnl=3, time_limit_s=5.0, require_pending=True))
+    assert len(plan.actions) == 1  # the PDB allows one disruption
+    assert plan.explanation.metrics["lns_steps"] <= 8
+    assert pending_placeable(rescore(snap, plan.actions))[0] == 1
