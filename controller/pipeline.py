@@ -9,6 +9,7 @@ of preferred, then allowed pools. It is pure (no I/O, no clock) like every polic
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -162,7 +163,7 @@ def run_pipeline(snapshot: Snapshot, policies: PoliciesEnabled | None = None, li
     replicas, so the controller always has a placement to execute. ``reschedule_input`` widens what
     the last stage sees (every GPU pod and PDB, not only the managed replicas): the stages before it
     run first, then rescheduling alone on ``reschedule_input(projected snapshot)``, with the same
-    State threaded through.
+    State threaded through and the wall clock, so its time limit holds.
     """
     policies = policies or PoliciesEnabled()
     limits = limits or SolverLimits()
@@ -180,7 +181,9 @@ def run_pipeline(snapshot: Snapshot, policies: PoliciesEnabled | None = None, li
             only = pp.PipelineConfig(stages={s: config.setting(s) if s is pp.Stage.RESCHEDULING else off
                                              for s in pp.STAGE_ORDER})
             first = pp.run_pipeline(snapshot, before, state)
-            last = pp.run_pipeline(reschedule_input(first.snapshot), only, first.state)
+            # the wall clock bounds this stage's search (it runs inside the planner's lock); the
+            # stages before it stay bounded by their deterministic limits
+            last = pp.run_pipeline(reschedule_input(first.snapshot), only, first.state, clock=time.monotonic)
             plans, state = [*first.plans, *last.plans], last.state
             unavailable = [*first.unavailable, *last.unavailable]
         notes += [f"{u} unavailable" for u in unavailable]
