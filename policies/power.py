@@ -401,7 +401,7 @@ def option_table(
         g.current_cap_w is not None and (m := memory.get(g.key)) is not None and m.capped_since is not None
         and now - m.capped_since < config.min_hold_s
         for g in gpus
-    ]).reshape(n, 1)
+    ], dtype=bool).reshape(n, 1)  # dtype: an empty domain must still give a boolean mask
 
     # Candidate caps: column 0 uncapped, then the device's levels below its peak, then the current cap.
     cap = np.full((n, width), nan)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ from pydantic import ValidationError
 
 from controller.api import convert
 from controller.api import models as api
+from controller.dataplane.table import DEFAULT_TTL_S
 from controller.executor import render as r
 from controller.executor.executor import DisruptionBudget, Executor, desired_from_plan, observe
 from controller.executor.ports import AgentPort, RouterPort
@@ -45,7 +47,7 @@ from controller.reconciler.status import (
 from controller.snapshot_builder import Built, build_snapshot, group_by_owner, owner_key
 from controller.telemetry.summary import PowerReadings
 from policies.pipeline import PipelineState
-from policies.plan import MigratePod, Plan, PolicyName, SetReplicas
+from policies.plan import MigratePod, Plan, PolicyName, SetReplicas, SetRoutingShare
 from policies.snapshot import GPUTelemetry, ServingTelemetry
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,10 @@ PD = "pd:"  # a PowerDomain's status pass; it requeues itself every POWER_STATUS
 POWER_STATUS_PERIOD_S = 2.0
 POOL_STATUS_DELAY_S = 1.0
 REPLAN_INTERVAL_S = 1.0
+# The router drops a table ``DEFAULT_TTL_S`` after it last heard of it (a controller gone quiet must not
+# keep traffic on the fallback), so the shares in force are re-pushed well within that TTL even when
+# the plan has not changed.
+ROUTING_REFRESH_S = DEFAULT_TTL_S / 3
 MIGRATION_SETTLE_S = 5.0  # after a batch of moves, let the scheduler place the replacements before the next
 
 
@@ -126,6 +132,7 @@ class Controller:
         self.power = power
         self._draw_windows: dict[str, dict[int, float]] = {}  # PowerDomain -> {unix second: domain draw W}
         self._applied_node_plans: set[str] = set()
+        self._routing_pushed_at = -math.inf  # monotonic time of the last push of the routing shares in force
         self.stop_event = threading.Event()
         self._gen = 0  # bumped by any change the snapshot reads
         self._spec_gen = 0  # bumped by changes of intent (specs, pools, nodes): these always re-plan
@@ -358,6 +365,8 @@ class Controller:
                 if plan.id not in self._applied_node_plans:
                     for done in self.executor.apply_node_actions(plan, dry_run=dry):
                         log.info("%s%s", "dry-run: " if dry else "", done)
+                    if any(isinstance(a, SetRoutingShare) for a in plan.actions):
+                        self._routing_pushed_at = time.monotonic()
                     if not self._start_migrations(plan, spec.disruption, dry):
                         deferred.add(plan.id)  # moves not started (a batch under way): try again later
             self._applied_node_plans = {p.id for p in plans} - deferred
@@ -492,11 +501,31 @@ class Controller:
             self.reconcile_pool(key[len(POOL):])
             return None
         if key == FLEET:
-            stale_s = self.fleet()[3]
-            return stale_s + 0.05 if stale_s else None
+            _, plans, _, stale_s = self.fleet()
+            refresh_s = self._refresh_routing(plans)
+            waits = [w for w in (stale_s + 0.05 if stale_s else None, refresh_s) if w is not None]
+            return min(waits) if waits else None
         if key.startswith(PD):
             return self.reconcile_power_domain(key[len(PD):])
         return self.reconcile_deployment(key[len(MD):])
+
+    def _refresh_routing(self, plans: list[Plan]) -> float | None:
+        """Re-push the routing shares in force before the router's table expires; returns when to look again."""
+        shares = tuple(a for p in plans for a in p.actions if isinstance(a, SetRoutingShare))
+        if not shares or self.executor.router is None:
+            return None
+        now = time.monotonic()
+        due = self._routing_pushed_at + ROUTING_REFRESH_S - now
+        if due > 0:
+            return due
+        self._routing_pushed_at = now
+        if not (self.dry_run or self.fleet_policy().spec.dry_run):
+            for action in shares:
+                try:
+                    self.executor.router.set_routing_share(action)
+                except Exception as exc:  # the router is down: its table expires to "large only", say so
+                    log.warning("re-pushing the routing share of %s failed: %s", action.deployment, exc)
+        return ROUTING_REFRESH_S
 
     def reconcile_power_domain(self, name: str) -> float | None:
         """Write the domain's status from observed facts, then look again in POWER_STATUS_PERIOD_S.

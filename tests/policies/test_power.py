@@ -397,3 +397,14 @@ def test_state_json_is_what_the_state_model_writes() -> None:
     snap = snap.model_copy(update={"power_domains": (PowerDomain(name="row", budget_w=600.0),)})
     plan = plan_power(snap, PowerConfig(), state)
     assert PowerState.model_validate(plan.state).model_dump(mode="json") == plan.state
+
+
+def test_a_domain_without_reporting_gpus_gets_an_empty_option_table() -> None:
+    """A controller's first cycle often has a PowerDomain but no telemetry yet: no crash, nothing to cap."""
+    from policies.power import option_table
+
+    table = option_table((), PowerConfig(), allow_lower=True, now=0.0, memory={}, levels={})
+    assert table.rows() == []
+    snap, state = mixed_snapshot([], now=1.0)
+    plan = plan_power(snap, PowerConfig(), state)
+    assert not plan.actions
