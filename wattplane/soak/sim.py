@@ -10,9 +10,10 @@ Memory the simulator may grow by design: its per-step result series (``[rows, st
 arrays) are allocated for the whole run up front with ``np.zeros``. With 4 KiB pages the kernel maps
 them only as they are written, so RSS rises by ``rows x 8`` bytes per simulated step without any
 leak; with transparent huge pages (numpy asks for them on large arrays) the first column's writes
-already map nearly all of it. Which one happens is measured after the run (:func:`lazy_share`: an
-array of the same size, first column written, RSS before and after) and only that share of the
-series' growth is subtracted; the verdict applies to what is left.
+already map nearly all of it (numpy does so only for arrays of 4 MiB and more, so it depends on
+the run's length). Which one happens is measured after the run (:func:`lazy_share`: arrays of the
+same shapes, first column written, RSS before and after) and only that share of the series'
+growth is subtracted; the verdict applies to what is left.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def run_sim_soak(gpus: int = 10_000, hours: float = 24.0, seed: int = 0, window_
     probe.sim = sim
     result = sim.run()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    lazy = lazy_share(series_bytes_per_step(result.series, len(load.deployments), load.steps), load.steps)
+    lazy = lazy_share(series_shapes(result.series, len(load.deployments), load.steps))
     return analyse(probe.rows, result.cycles, result.series, len(load.deployments), load.steps, scenario.step_s,
                    window_h * HOUR_S, max_rss_mib_per_h, max_latency_drift, lazy) | {
         "params": {"gpus": gpus, "nodes": sum(p.nodes for p in scenario.pools),
@@ -119,17 +120,23 @@ def series_bytes_per_step(series: dict[str, np.ndarray], n_dep: int, steps: int)
     return returned / max(steps, 1) + 2 * n_dep * 8
 
 
-def lazy_share(bytes_per_step: float, steps: int) -> float:
-    """Share of a ``np.zeros`` array of the series' size that is *not* resident after its first column
+def series_shapes(series: dict[str, np.ndarray], n_dep: int, steps: int) -> list[tuple[int, ...]]:
+    """Shapes of the per-step arrays the engine allocates: the ones it returns and its two
+    per-deployment accumulators it does not (met and received requests)."""
+    return [a.shape for a in series.values() if a.ndim and a.shape[-1] == steps] + [(n_dep, steps)] * 2
+
+
+def lazy_share(shapes: list[tuple[int, ...]]) -> float:
+    """Share of ``np.zeros`` arrays of these shapes that is *not* resident after their first column
     is written: 1 when pages are mapped as written (RSS grows with the run by design), ~0 when
-    transparent huge pages map it at the first touch."""
-    rows = max(1, round(bytes_per_step / 8))
+    transparent huge pages map them at the first touch."""
     before = proc_status()["rss_mib"]
-    probe = np.zeros((rows, steps))
-    probe[:, 0] = 1.0
+    probes = [np.zeros(shape) for shape in shapes]
+    for a in probes:
+        a[..., 0] = 1.0
     touched = proc_status()["rss_mib"] - before
-    size = probe.nbytes / 2**20
-    del probe
+    size = sum(a.nbytes for a in probes) / 2**20
+    del probes
     return float(min(max(1.0 - touched / size, 0.0), 1.0)) if size > 0 else 0.0
 
 
