@@ -248,6 +248,8 @@ class Controller:
                 raise TimeoutError(f"cache of {i.kind} did not sync within {sync_timeout_s}s")
         self._enqueue_all()
         self.queue.add(FLEET)  # plan once at start even with no ModelDeployment (rescheduling acts on any pod)
+        if not self.dry_run:
+            self._lift_stale_fences()
         for n in range(self.workers):
             t = threading.Thread(target=self._worker, name=f"worker-{n}", daemon=True)
             t.start()
@@ -255,6 +257,20 @@ class Controller:
         t = threading.Thread(target=self._resync, name="resync", daemon=True)
         t.start()
         self._threads.append(t)
+
+    def _lift_stale_fences(self) -> None:
+        """A predecessor killed mid-migration leaves its node fence (a cordon) up, and only a new batch of
+        moves would lift it; if no move is needed any more the node stays cordoned for good. On taking
+        over no batch of ours is under way, so any fence still standing is a dead run's."""
+        from kubernetes import client as k8s
+
+        from controller.executor.evictions import lift_stale_fences
+
+        try:
+            for node in lift_stale_fences(k8s.CoreV1Api(self.kube.api)):
+                log.warning("lifted a stale migration fence (cordon) from node %s", node)
+        except Exception as exc:  # best effort: the next batch of moves tries again
+            log.warning("lifting stale migration fences failed: %s", exc)
 
     @property
     def synced(self) -> bool:
