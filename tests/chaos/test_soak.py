@@ -1,4 +1,4 @@
-"""Soak, short versions (issue 12 item 6): the simulated fleet over two simulated hours and the real
+"""Soak, short versions (issue 12 item 6): the simulated fleet over four simulated hours and the real
 controller under ~2.5 minutes of ModelDeployment and node churn. Each prints what it tried and what it
 measured, appends a record to ``$WATTPLANE_CHAOS_RESULTS`` when set, and fails past the stated bounds.
 The long runs (24 simulated hours, 30 minutes of churn) are ``wattplane soak sim|churn``; their
@@ -30,10 +30,11 @@ def _record(chaos: ChaosRecorder, fault: str, report: dict[str, Any]) -> None:
 def test_sim_soak_short_memory_flat_latency_steady(chaos: ChaosRecorder) -> None:
     from wattplane.soak.sim import run_sim_soak
 
-    report = run_sim_soak(gpus=600, hours=2.0, seed=3, window_h=0.5)
+    # without the burst: a run of a few hours must be stationary for first vs last to mean anything
+    report = run_sim_soak(gpus=400, hours=4.0, seed=3, window_h=1.0, burst=False)
     _show("sim", report)
-    _record(chaos, "soak: simulated 600 GPUs x 2 h", report)
-    assert report["run"]["cycles"] == 119 and report["run"]["invariant_violations"] == 0
+    _record(chaos, "soak: simulated 400 GPUs x 4 h", report)
+    assert report["run"]["cycles"] == 239 and report["run"]["invariant_violations"] == 0
     containers = report["containers"]
     # the fleet's own tables may grow with the load; the simulator's caches must not outgrow it
     assert containers["sim._pod_cache"]["last_mean"] <= containers["fleet.replicas"]["last_mean"] + 8
