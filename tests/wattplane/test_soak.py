@@ -41,7 +41,7 @@ def test_drift_compares_the_first_and_last_window() -> None:
     t = np.arange(0, 7200, 60.0)
     v = np.where(t < 3600, 100.0, 250.0)
     d = drift("lat", "ms", t, v, 1800)
-    assert (d.first_p50, d.last_p50, d.p50_ratio) == (100.0, 250.0, 2.5)
+    assert (d.first_p50, d.last_p50, d.p50_ratio, d.mean_ratio) == (100.0, 250.0, 2.5, 2.5)
 
 
 def test_histogram_quantile_matches_the_observations() -> None:

@@ -85,7 +85,11 @@ def growth(name: str, unit: str, t: Sequence[float], v: Sequence[float], window_
 
 @dataclass
 class Drift:
-    """A latency series: p50/p99 in the first and last window and their ratios."""
+    """A latency series: mean, p50 and p99 in the first and last window and their ratios.
+
+    The pipeline's cycles are bimodal (a cheap cycle when only the fast stages are due, a costly
+    one when placement, MoE or rescheduling run too), so a window's p50 moves with the stage mix;
+    the mean over whole stage periods does not, which is why verdicts use ``mean_ratio``."""
 
     name: str
     unit: str
@@ -94,10 +98,14 @@ class Drift:
     last_p50: float
     last_p99: float
     samples: int
+    first_mean: float = float("nan")
+    last_mean: float = float("nan")
+    mean_ratio: float = field(init=False)
     p50_ratio: float = field(init=False)
     p99_ratio: float = field(init=False)
 
     def __post_init__(self) -> None:
+        self.mean_ratio = self.last_mean / self.first_mean if self.first_mean > 0 else float("nan")
         self.p50_ratio = self.last_p50 / self.first_p50 if self.first_p50 > 0 else float("nan")
         self.p99_ratio = self.last_p99 / self.first_p99 if self.first_p99 > 0 else float("nan")
 
@@ -109,7 +117,8 @@ def drift(name: str, unit: str, t: Sequence[float], v: Sequence[float], window_s
     ta, va = np.asarray(t, dtype=float), np.asarray(v, dtype=float)
     first, last = windows(ta, window_s)
     return Drift(name, unit, percentile(va[first], 50), percentile(va[first], 99), percentile(va[last], 50),
-                 percentile(va[last], 99), len(va))
+                 percentile(va[last], 99), len(va), float(va[first].mean()) if first.any() else float("nan"),
+                 float(va[last].mean()) if last.any() else float("nan"))
 
 
 def write_chaos_records(records: list[dict[str, Any]]) -> Path | None:
