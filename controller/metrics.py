@@ -6,6 +6,7 @@ controllers in one process and read exact values.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,6 +45,15 @@ class Metrics:
                                     registry=r)
         self.is_leader = Gauge("wattplane_leader", "1 while this instance holds the lease", registry=r)
         self.writes = Counter("wattplane_executor_writes_total", "Executor writes", ["op", "kind"], registry=r)
+
+    def forget_deployment(self, namespace: str, deployment: str) -> None:
+        """Drop a deleted ModelDeployment's series: a label set nobody sets again would be exported forever."""
+        for metric in self.replicas.collect():
+            for sample in metric.samples:
+                labels = sample.labels
+                if labels.get("namespace") == namespace and labels.get("deployment") == deployment:
+                    with contextlib.suppress(KeyError):  # removed meanwhile by another worker
+                        self.replicas.remove(namespace, deployment, labels["pool"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -670,7 +670,10 @@ def plan_placement(
     state = state or PlacementState()
     t0 = clock() if clock else 0.0
     if not snapshot.deployments or not snapshot.pools:
-        return noop_plan(PolicyName.PLACEMENT, "no deployments or pools to place", state.model_dump(mode="json"))
+        names = {d.name for d in snapshot.deployments}  # a deleted deployment's memory goes with it
+        kept = state.model_copy(update={"first_seen": {k: v for k, v in state.first_seen.items() if k in names},
+                                        "needs": {k: v for k, v in state.needs.items() if k in names}})
+        return noop_plan(PolicyName.PLACEMENT, "no deployments or pools to place", kept.model_dump(mode="json"))
     inst = build_instance(snapshot, profiles or default_table(), config.instance_params())
     inst = with_need(inst, fallback_reserve(inst, snapshot, config.fallback_surge))
     inst, state = stabilise(inst, snapshot.now, config, state)

@@ -483,7 +483,9 @@ def _decide_lp(
 
 def _plan(snapshot: Snapshot, config: RoutingConfig, state: RoutingState, decide: Decider) -> Plan:
     actions: list[SetRoutingShare] = []
-    routes: dict[str, RouteDecision] = dict(state.routes)
+    # only deployments that still exist: a deleted one's entry would ride along in every State forever
+    names = {d.name for d in snapshot.deployments}
+    routes: dict[str, RouteDecision] = {k: v for k, v in state.routes.items() if k in names}
     summaries: list[str] = []
     reasons: list[Reason] = []
     statuses: list[SolverStatus] = []

@@ -177,6 +177,7 @@ class Controller:
             self.queue.add(POOL + pool["metadata"]["name"])
         for pd in self.informers["PowerDomain"].items():
             self.queue.add(PD + pd["metadata"]["name"])
+        self.queue.add(FLEET)  # the fleet is re-planned (and its State saved) even when no deployment is left
 
     def _on_fleet_object(self, kind: str, new: dict[str, Any] | None, old: dict[str, Any] | None) -> None:
         if new is not None and old is not None and new["metadata"].get("generation") == old["metadata"].get(
@@ -503,10 +504,16 @@ class Controller:
 
     def _save_state(self, state: PipelineState) -> None:
         """Persist the pipeline State (and who leads) in the FleetPolicy status; best effort."""
-        body = {"status": {"leader": self.identity, "lastCycle": iso_now(time.time()),
-                           "pipelineState": state.model_dump(mode="json")}}
+        status = {"leader": self.identity, "lastCycle": iso_now(time.time()),
+                  "pipelineState": state.model_dump(mode="json")}
+        current = self.informers["FleetPolicy"].store.get("default") or {}
         try:
-            self.kube.patch("FleetPolicy", "default", body, subresource="status")
+            if "status" in current:  # replace, not merge: a merge patch keeps keys the State has dropped
+                ops = [{"op": "add", "path": f"/status/{k}", "value": v} for k, v in status.items()]
+                self.kube.patch("FleetPolicy", "default", ops, subresource="status",
+                                content_type="application/json-patch+json")
+            else:
+                self.kube.patch("FleetPolicy", "default", {"status": status}, subresource="status")
         except KubeError as exc:
             log.warning("saving pipeline state failed: %s", exc)
 
@@ -709,6 +716,7 @@ class Controller:
         self.kube.patch("ModelDeployment", name, {"metadata": {
             "finalizers": [f for f in finalizers if f != FINALIZER],
             "resourceVersion": obj["metadata"]["resourceVersion"]}}, ns)
+        self.metrics.forget_deployment(ns, name)
         self._bump()
 
     def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -115,6 +116,19 @@ def test_examples_converge_in_the_right_pools(test_cluster: TestCluster, kube: K
         assert c.metric("wattplane_reconcile_total", 'result="success"') > 0
         assert sum(c.metric("wattplane_replicas", f'deployment="llama-70b",namespace="inference",pool="{p}"')
                    for p in ("h100", "a100")) == 2
+        # deleted deployments leave neither State in the FleetPolicy status nor metric series behind
+        _delete_mds(kube, "inference")
+        seen: list[dict[str, Any]] = []
+
+        def forgotten() -> bool:
+            seen.append(kube.get("FleetPolicy", "default")["status"])
+            return "inference/llama-70b" not in json.dumps(seen[-1]["pipelineState"])
+
+        try:
+            wait_for(forgotten, 90, what="State forgets deleted")
+        except AssertionError:
+            raise AssertionError(json.dumps({k: v for k, v in seen[-1].items() if k != "conditions"})[:6000]) from None
+        assert 'deployment="llama-70b"' not in c.get("/metrics")[1]
     finally:
         _delete_mds(kube, "inference")
         wait_for(lambda: not kube.list("ModelDeployment", "inference")["items"], 60, what="examples deleted")
