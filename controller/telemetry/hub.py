@@ -35,6 +35,7 @@ import contextlib
 import itertools
 import logging
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -191,6 +192,10 @@ class TelemetryHub:
         self._domains: dict[str, str] = {}
         self._shares: dict[str, float] = {}
         self._ids = itertools.count(1)
+        # Agents answer a command id once and remember it; a restarted controller's hub counts from 1
+        # again, so without a per-instance prefix its commands would be answered from that memory
+        # (acknowledged, never applied) whenever they reuse an id the dead one sent.
+        self._id_prefix = uuid.uuid4().hex[:8]
         self.accepting = True  # False on a standby replica: agents are sent to the leader
         self.sink: ShardSink | None = None
         self.stale_marked = 0  # nodes the sweep found newly stale
@@ -419,7 +424,7 @@ class TelemetryHub:
     # -- commands -------------------------------------------------------------------------
     def send_command(self, node: str, command: pb.Command, *, command_id: str | None = None) -> str:
         """Queue ``command`` for ``node`` (delivered now if connected, else on its next stream)."""
-        cid = command_id or command.id or f"{node}/{next(self._ids)}"
+        cid = command_id or command.id or f"{node}/{self._id_prefix}-{next(self._ids)}"
         cmd = pb.Command()
         cmd.CopyFrom(command)
         cmd.id = cid
