@@ -861,8 +861,35 @@ def _worst(statuses: list[SolverStatus]) -> SolverStatus:
     return min(statuses, key=order.index) if statuses else SolverStatus.NOT_RUN
 
 
+def node_shares(budget_w: float, draws: Mapping[str, float | None], peaks: Mapping[str, float],
+                step_w: float = 100.0) -> dict[str, float] | None:
+    """Each node's share of its domain's budget for the agents' local guard, or None to keep the last ones.
+
+    The guard is the last line of defence while the controller is away: it must stop a node from
+    *rising* past its part of the budget, not take over the policy's job of choosing whom to cap.
+    So a node gets its draw plus the domain's headroom in proportion to how much more it could
+    draw (its peak minus its draw). A node whose draw is unknown counts at its peak and gets no
+    share. Over budget there is no headroom to share: None, the previous shares stay (their sum was
+    within a budget) while the policy's priority-aware caps bring the draw down. Shares are rounded
+    down to ``step_w`` so that small drifts do not resend them, and so their sum never exceeds the budget.
+    """
+    known = {n: d for n, d in draws.items() if d is not None}
+    total = sum(known.values()) + sum(peaks.get(n, 0.0) for n, d in draws.items() if d is None)
+    headroom = budget_w - total
+    if headroom < 0 or not known:
+        return None
+    room = {n: max(peaks.get(n, d) - d, 0.0) for n, d in known.items()}
+    spare = sum(room.values())
+    out = {}
+    for n, d in known.items():
+        extra = headroom * (room[n] / spare if spare > 0 else 1.0 / len(known))
+        out[n] = math.floor((d + extra) / step_w) * step_w
+    return out
+
+
 __all__ = [
     "DomainResult", "GPUMemory", "GPUView", "Option", "OptionTable", "PowerConfig", "PowerState", "Solution",
-    "build_model", "cap_levels", "domain_gpus", "domain_metrics", "next_state_json", "option_table", "options_for",
+    "build_model", "cap_levels", "domain_gpus", "domain_metrics", "next_state_json", "node_shares", "option_table",
+    "options_for",
     "plan_power", "polish", "solve", "solve_greedy", "solve_greedy_table", "solve_table", "workload_priorities",
 ]

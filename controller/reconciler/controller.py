@@ -48,6 +48,7 @@ from controller.snapshot_builder import Built, build_snapshot, group_by_owner, o
 from controller.telemetry.summary import PowerReadings
 from policies.pipeline import PipelineState
 from policies.plan import MigratePod, Plan, PolicyName, SetReplicas, SetRoutingShare
+from policies.power import node_shares
 from policies.snapshot import GPUTelemetry, ServingTelemetry
 
 log = logging.getLogger(__name__)
@@ -578,7 +579,25 @@ class Controller:
         old = wire(pd.status) if pd.status else {}
         if new != old:
             self.kube.patch("PowerDomain", name, {"status": new}, subresource="status")
+        self._send_node_shares(pd, nodes, readings)
         return POWER_STATUS_PERIOD_S
+
+    def _send_node_shares(self, pd: api.PowerDomain, nodes: Sequence[str], readings: PowerReadings) -> None:
+        """Hand each node its share of the domain budget, so its agent's guard holds the budget while
+        the controller is away (``policies.power.node_shares``); only with the power policy on."""
+        send = getattr(self.executor.agents, "set_node_shares", None)
+        if send is None or not nodes or self.dry_run or not self.fleet_policy().spec.policies.power \
+                or self.fleet_policy().spec.dry_run:
+            return
+        draws: dict[str, float | None] = {}
+        peaks: dict[str, float] = {}
+        for n in nodes:
+            seen = readings.nodes.get(n)
+            draws[n] = seen.draws[-1][1] if seen is not None and seen.fresh and seen.draws else None
+            peaks[n] = sum(max_w for _, _, max_w in seen.limits) if seen is not None else 0.0
+        shares = node_shares(pd.spec.budget_w, draws, peaks)
+        if shares:
+            send(shares)
 
     def reconcile_pool(self, name: str) -> None:
         obj = self.informers["AcceleratorPool"].get(name)

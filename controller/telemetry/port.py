@@ -9,6 +9,7 @@ the hub's event loop; the command is then handed over with ``call_soon_threadsaf
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from controller.telemetry.hub import TelemetryHub
 from policies.plan import SetPowerCap
@@ -35,14 +36,21 @@ class HubAgentPort:
         self._loop = loop
 
     def set_power_cap(self, action: SetPowerCap) -> None:
+        for cmd in commands_for(action):
+            self._on_hub_loop(self._hub.send_command, action.node, cmd)
+
+    def set_node_shares(self, shares: dict[str, float]) -> None:
+        """Each node's share of its domain budget for its local guard (the hub sends only changed ones)."""
+        self._on_hub_loop(self._hub.set_node_shares, shares)
+
+    def _on_hub_loop(self, fn: Callable[..., object], *args: object) -> None:
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        for cmd in commands_for(action):
-            if running is not None and (self._loop is None or running is self._loop):
-                self._hub.send_command(action.node, cmd)
-            elif self._loop is not None:
-                self._loop.call_soon_threadsafe(self._hub.send_command, action.node, cmd)
-            else:
-                raise RuntimeError("HubAgentPort called outside the hub's event loop without being given that loop")
+        if running is not None and (self._loop is None or running is self._loop):
+            fn(*args)
+        elif self._loop is not None:
+            self._loop.call_soon_threadsafe(fn, *args)
+        else:
+            raise RuntimeError("HubAgentPort called outside the hub's event loop without being given that loop")

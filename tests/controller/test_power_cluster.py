@@ -132,8 +132,9 @@ def test_agents_draw_shows_in_status_and_over_budget_caps_are_acknowledged(
         token = _agent_token(test_cluster)
         port = _hub_port(proc)
         sources = {n: SimulatedSource(gpus=8, load=constant_load(PREFILL, DECODE), node_name=n) for n in nodes}
-        start_agents([Agent(AgentConfig(node_name=n, target=f"127.0.0.1:{port}", token=token), s)
-                      for n, s in sources.items()])
+        agents = [Agent(AgentConfig(node_name=n, target=f"127.0.0.1:{port}", token=token), s)
+                  for n, s in sources.items()]
+        start_agents(agents)
         per_gpu = gpu_power_w(next(iter(sources.values())).spec, PREFILL, DECODE)
         expected = 16 * per_gpu
 
@@ -149,6 +150,10 @@ def test_agents_draw_shows_in_status_and_over_budget_caps_are_acknowledged(
         assert s["headroomW"] == pytest.approx(20_000 - s["measuredW"], abs=0.2)
         assert s["capsApplied"] == 0 and s.get("overBudgetSeconds", 0) == 0
         assert _cond(s, "Reporting") == "True" and _cond(s, "OverBudget") == "False" and _cond(s, "Capping") == "False"
+        # each agent's guard got its share of the budget: room to rise, all within the budget
+        shares = wait_for(lambda: (v := [a.guard.config.share_w for a in agents]) and all(v) and v, 30, 0.5,
+                          what="node shares at the agents")
+        assert sum(shares) <= 20_000 and all(w >= expected / 2 for w in shares)
 
         # 2. the budget drops below the draw: caps go out as commands, are acknowledged, counted
         budget = round(0.85 * expected)

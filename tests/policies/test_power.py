@@ -408,3 +408,23 @@ def test_a_domain_without_reporting_gpus_gets_an_empty_option_table() -> None:
     snap, state = mixed_snapshot([], now=1.0)
     plan = plan_power(snap, PowerConfig(), state)
     assert not plan.actions
+
+
+def test_node_shares_leave_each_node_room_to_rise_within_the_budget() -> None:
+    from policies.power import node_shares
+
+    shares = node_shares(10_000.0, {"a": 2_000.0, "b": 5_000.0}, {"a": 5_600.0, "b": 5_600.0})
+    assert shares is not None
+    assert sum(shares.values()) <= 10_000.0
+    assert shares["a"] >= 2_000.0 and shares["b"] >= 5_000.0  # nobody is held below its draw
+    assert shares["a"] - 2_000.0 > shares["b"] - 5_000.0  # room where a node can still rise
+    assert all(v % 100 == 0 for v in shares.values())
+
+
+def test_node_shares_count_a_silent_node_at_its_peak_and_keep_old_shares_over_budget() -> None:
+    from policies.power import node_shares
+
+    shares = node_shares(10_000.0, {"a": 2_000.0, "quiet": None}, {"a": 5_600.0, "quiet": 5_600.0})
+    assert shares is not None and set(shares) == {"a"} and shares["a"] <= 10_000.0 - 5_600.0
+    assert node_shares(6_000.0, {"a": 4_000.0, "b": 4_000.0}, {"a": 5_600.0, "b": 5_600.0}) is None
+    assert node_shares(6_000.0, {"quiet": None}, {"quiet": 5_600.0}) is None
