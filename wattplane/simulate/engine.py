@@ -120,27 +120,13 @@ class Simulation:
         self.on_snapshot = on_snapshot  # e.g. dump each cycle's snapshot (design §7)
         self.base_dir, self.data_dir = base_dir, data_dir  # where relative / data: paths resolve
         self.domains = [d.domain() for d in scenario.deployments]
-        n_dep, n_pool = len(self.domains), len(scenario.pools)
         # profile per (deployment, pool); None when its weights do not fit there
         self.profiles: list[list[Profile | None]] = [
             [self.table.for_deployment(d, p.accelerator) for p in scenario.pools] for d in self.domains
         ]
-        req = load.requests.sum(axis=1)
-        inp = load.input_tokens.sum(axis=1)
-        out = load.output_tokens.sum(axis=1)
-        self.input_share = np.where(out > 0, inp / np.maximum(out, 1), 5.5)
-        self.mean_out = np.where(req > 0, out / np.maximum(req, 1), 211.0)
-        self.base_cap = np.zeros((n_dep, n_pool))
-        self.prefill_fraction = np.zeros((n_dep, n_pool))
-        for d in range(n_dep):
-            for p in range(n_pool):
-                prof = self.profiles[d][p]
-                if prof is None:
-                    continue
-                self.base_cap[d, p] = prof.tokens_per_s_capacity(float(self.input_share[d]))
-                t_in = self.input_share[d] / prof.input_tokens_per_s
-                t_out = 1.0 / prof.output_tokens_per_s
-                self.prefill_fraction[d, p] = t_in / (t_in + t_out)
+        rates = serving_rates(self.profiles, load)
+        self.input_share, self.mean_out = rates.input_share, rates.mean_out
+        self.base_cap, self.prefill_fraction = rates.base_cap, rates.prefill_fraction
         self.priority = [d.priority for d in self.domains]
         self._power_cache: dict[tuple[int, float, float, float], float] = {}
         self._quality_cache: dict[float, float] = {}
@@ -797,6 +783,35 @@ _TELEMETRY_FIELDS = frozenset(GPUTelemetry.model_fields)
 
 
 _DEFAULTS: dict[type[BaseModel], dict[str, Any]] = {}
+
+
+@dataclass(frozen=True)
+class ServingRates:
+    """What the load and the profiles say each (deployment, pool) replica serves: shared by the
+    in-memory engine and the cluster run's serving model, so both serve with one model."""
+
+    input_share: np.ndarray  # prompt tokens per output token, per deployment
+    mean_out: np.ndarray  # output tokens per request, per deployment
+    base_cap: np.ndarray  # output tokens/s one replica serves at the deployment's prompt mix, [dep, pool]
+    prefill_fraction: np.ndarray  # share of a replica's busy time in the prompt phase, [dep, pool]
+
+
+def serving_rates(profiles: list[list[Profile | None]], load: LoadSeries) -> ServingRates:
+    n_dep, n_pool = len(profiles), len(profiles[0]) if profiles else 0
+    req, inp, out = (a.sum(axis=1) for a in (load.requests, load.input_tokens, load.output_tokens))
+    input_share = np.where(out > 0, inp / np.maximum(out, 1), 5.5)  # Azure conversation trace means
+    mean_out = np.where(req > 0, out / np.maximum(req, 1), 211.0)
+    base_cap = np.zeros((n_dep, n_pool))
+    prefill = np.zeros((n_dep, n_pool))
+    for d in range(n_dep):
+        for p in range(n_pool):
+            prof = profiles[d][p]
+            if prof is None:
+                continue
+            base_cap[d, p] = prof.tokens_per_s_capacity(float(input_share[d]))
+            t_in, t_out = input_share[d] / prof.input_tokens_per_s, 1.0 / prof.output_tokens_per_s
+            prefill[d, p] = t_in / (t_in + t_out)
+    return ServingRates(input_share, mean_out, base_cap, prefill)
 
 
 def _fast(cls: type[_M], **values: Any) -> _M:

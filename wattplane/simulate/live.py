@@ -28,7 +28,14 @@ from policies import power_model
 from policies.profiles import Profile, default_table
 from policies.routing import DEFAULT_CLASSES, relative_quality, shares_for_total
 from protos.wattplane.v1 import agent_pb2 as pb
-from wattplane.simulate.engine import MAX_QUEUE_S, P99_WAIT_FACTOR, RHO_SMOOTHING_S, TPOT_LOW, TPOT_SLOPE
+from wattplane.simulate.engine import (
+    MAX_QUEUE_S,
+    P99_WAIT_FACTOR,
+    RHO_SMOOTHING_S,
+    TPOT_LOW,
+    TPOT_SLOPE,
+    serving_rates,
+)
 from wattplane.simulate.load import LoadSeries
 from wattplane.simulate.scenario import Scenario
 
@@ -113,20 +120,10 @@ class LiveFleet:
         table = default_table()
         self.profiles: list[list[Profile | None]] = [
             [table.for_deployment(d, p.accelerator) for p in scenario.pools] for d in self.deps]
-        n_dep, n_pool = len(self.deps), len(scenario.pools)
-        req, inp, out = (a.sum(axis=1) for a in (load.requests, load.input_tokens, load.output_tokens))
-        self.input_share = np.where(out > 0, inp / np.maximum(out, 1), 5.5)
-        self.mean_out = np.where(req > 0, out / np.maximum(req, 1), 211.0)
-        self.base_cap = np.zeros((n_dep, n_pool))
-        self.prefill = np.zeros((n_dep, n_pool))
-        for d in range(n_dep):
-            for p in range(n_pool):
-                prof = self.profiles[d][p]
-                if prof is None:
-                    continue
-                self.base_cap[d, p] = prof.tokens_per_s_capacity(float(self.input_share[d]))
-                t_in, t_out = self.input_share[d] / prof.input_tokens_per_s, 1.0 / prof.output_tokens_per_s
-                self.prefill[d, p] = t_in / (t_in + t_out)
+        n_dep = len(self.deps)
+        rates = serving_rates(self.profiles, load)
+        self.input_share, self.mean_out = rates.input_share, rates.mean_out
+        self.base_cap, self.prefill = rates.base_cap, rates.prefill_fraction
         self.slo_ttft = np.array([d.slo.ttft_p99_ms for d in self.deps])
         self.slo_tpot = np.array([d.slo.tpot_p99_ms for d in self.deps])
         self.fallback = [self.dep_index.get(d.fallback.deployment, -1) if d.fallback else -1 for d in self.deps]
