@@ -52,7 +52,7 @@ from controller.dataplane.table import RoutingTable, TableHolder
 from controller.executor import render as r
 from controller.kube import Kube, KubeError
 from wattplane.simulate import crs
-from wattplane.simulate.engine import SimResult, _weighted_quantile
+from wattplane.simulate.engine import SimResult, deployment_metrics, serving_metrics
 from wattplane.simulate.live import LiveFleet, LiveScraper, PodView, ScenarioSource
 from wattplane.simulate.load import generate_load
 from wattplane.simulate.scenario import Scenario
@@ -542,17 +542,10 @@ class ClusterRun:
         if self.stale_table_s > 0:
             self.notes.append(f"the router's routing table expired for {self.stale_table_s:.0f} simulated s "
                               "(deployment-seconds): the router then sends everything to the large model; the "
-                              "controller pushes a table only when its routing plan changes (TTL 30 s wall)")
-        total_req = float(req.sum())
-        weights = req.reshape(-1)
+                              "controller re-pushes the shares in force every 10 s wall (TTL 30 s), so an "
+                              "expiry means the controller or the router was unreachable")
         metrics: dict[str, float] = {
-            "slo_attainment": float(met.sum() / total_req) if total_req else 1.0,
-            "ttft_p99_ms": _weighted_quantile(np.minimum(ttft, 1e7).reshape(-1), weights, 0.99),
-            "tpot_p99_ms": _weighted_quantile(np.minimum(tpot, 1e7).reshape(-1), weights, 0.99),
-            "cost_per_hour": cost_total / hours if hours else 0.0,
-            "cost_per_million_tokens": cost_total / (tokens / 1e6) if tokens else 0.0,
-            "energy_kwh": energy_j / 3.6e6,
-            "tokens_per_joule": tokens / energy_j if energy_j else 0.0,
+            **serving_metrics(met, req, ttft, tpot, cost_total, hours, tokens, energy_j),
             "over_budget_s": over,
             "caps_applied": float(self.caps_acked),
             "migrations": float(self._evictions()),
@@ -571,13 +564,8 @@ class ClusterRun:
         }
         names = [d.name for d in sc.deployments]
         per_dep = {
-            name: {
-                "slo_attainment": float(met[i].sum() / req[i].sum()) if req[i].sum() else 1.0,
-                "ttft_p99_ms": _weighted_quantile(np.minimum(ttft[i], 1e7), req[i], 0.99),
-                "tpot_p99_ms": _weighted_quantile(np.minimum(tpot[i], 1e7), req[i], 0.99),
-                "requests": float(req[i].sum()),
-                "output_tokens": float((served[i] * span).sum()),
-            } for i, name in enumerate(names)
+            name: deployment_metrics(met[i], req[i], ttft[i], tpot[i], float((served[i] * span).sum()))
+            for i, name in enumerate(names)
         }
         series = {"power_w": power[:n_dom], "budget_w": budgets, "ttft_p99_ms": ttft, "tpot_p99_ms": tpot,
                   "demand_tokens_per_s": np.array(s.demand).T, "served_tokens_per_s": served,

@@ -700,16 +700,9 @@ class Simulation:
         addressed = float(self.load.requests.sum())
         metrics["quality"] = 1.0 - quality_loss / addressed if addressed else 1.0
         dep_names = [d.name for d in self.domains]
-        per_dep = {
-            name: {
-                "slo_attainment": float(s_met[i].sum() / s_requests[i].sum()) if s_requests[i].sum() else 1.0,
-                "ttft_p99_ms": _weighted_quantile(np.minimum(s_ttft[i], 1e7), s_requests[i], 0.99),
-                "tpot_p99_ms": _weighted_quantile(np.minimum(s_tpot[i], 1e7), s_requests[i], 0.99),
-                "requests": float(s_requests[i].sum()),
-                "output_tokens": float(s_served[i].sum() * dt),
-            }
-            for i, name in enumerate(dep_names)
-        }
+        per_dep = {name: deployment_metrics(s_met[i], s_requests[i], s_ttft[i], s_tpot[i],
+                                            float(s_served[i].sum() * dt))
+                   for i, name in enumerate(dep_names)}
         series = {"power_w": s_power[:n_dom], "budget_w": budgets, "ttft_p99_ms": s_ttft, "tpot_p99_ms": s_tpot,
                   "demand_tokens_per_s": s_demand, "served_tokens_per_s": s_served, "fallback_share": s_share,
                   "ready_replicas": s_ready, "capped_gpus": s_caps, "cost_per_hour": s_cost,
@@ -745,21 +738,13 @@ class Simulation:
         energy_j = float(power.sum() * dt)
         tokens = float(served.sum() * dt)
         hours = load.steps * dt / 3600.0
-        req_total = float(requests.sum())
         over = (power[:n_dom] > budgets[:, None] * (1 + 1e-9)).sum() * dt if n_dom else 0.0
-        weights = requests.reshape(-1)
         solve = np.array([c["pipeline_ms"] for c in cycles]) if cycles else np.zeros(1)
         addressed = float(load.requests.sum())
         routed = float((load.requests - np.maximum(requests, 0)).clip(min=0).sum())
         cost_total = float(cost.sum() * dt / 3600.0)
         return {
-            "slo_attainment": float(met.sum() / req_total) if req_total else 1.0,
-            "ttft_p99_ms": _weighted_quantile(np.minimum(ttft, 1e7).reshape(-1), weights, 0.99),
-            "tpot_p99_ms": _weighted_quantile(np.minimum(tpot, 1e7).reshape(-1), weights, 0.99),
-            "cost_per_hour": cost_total / hours if hours else 0.0,
-            "cost_per_million_tokens": cost_total / (tokens / 1e6) if tokens else 0.0,
-            "energy_kwh": energy_j / 3.6e6,
-            "tokens_per_joule": tokens / energy_j if energy_j else 0.0,
+            **serving_metrics(met, requests, ttft, tpot, cost_total, hours, tokens, energy_j),
             "over_budget_s": float(over),
             "caps_applied": float(total.caps_set),
             "migrations": float(total.migrations),
@@ -834,6 +819,35 @@ def _fast(cls: type[_M], **values: Any) -> _M:
     object.__setattr__(obj, "__pydantic_extra__", None)
     object.__setattr__(obj, "__pydantic_private__", None)
     return obj
+
+
+def serving_metrics(met: np.ndarray, requests: np.ndarray, ttft: np.ndarray, tpot: np.ndarray, cost_total: float,
+                    hours: float, tokens: float, energy_j: float) -> dict[str, float]:
+    """The serving figures of a run (in memory or on a cluster), from per-step series [deployment, step]."""
+    total = float(requests.sum())
+    weights = requests.reshape(-1)
+    return {
+        "slo_attainment": float(met.sum() / total) if total else 1.0,
+        "ttft_p99_ms": _weighted_quantile(np.minimum(ttft, 1e7).reshape(-1), weights, 0.99),
+        "tpot_p99_ms": _weighted_quantile(np.minimum(tpot, 1e7).reshape(-1), weights, 0.99),
+        "cost_per_hour": cost_total / hours if hours else 0.0,
+        "cost_per_million_tokens": cost_total / (tokens / 1e6) if tokens else 0.0,
+        "energy_kwh": energy_j / 3.6e6,
+        "tokens_per_joule": tokens / energy_j if energy_j else 0.0,
+    }
+
+
+def deployment_metrics(met: np.ndarray, requests: np.ndarray, ttft: np.ndarray, tpot: np.ndarray,
+                       output_tokens: float) -> dict[str, float]:
+    """One deployment's figures from its per-step series."""
+    total = float(requests.sum())
+    return {
+        "slo_attainment": float(met.sum() / total) if total else 1.0,
+        "ttft_p99_ms": _weighted_quantile(np.minimum(ttft, 1e7), requests, 0.99),
+        "tpot_p99_ms": _weighted_quantile(np.minimum(tpot, 1e7), requests, 0.99),
+        "requests": total,
+        "output_tokens": output_tokens,
+    }
 
 
 def _weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
