@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from controller.kube import Kube
 from wattplane.datasets import default_data_dir
 from wattplane.testcluster import TestCluster
 
@@ -23,6 +24,16 @@ def test_cluster() -> Iterator[TestCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def kube(test_cluster: TestCluster) -> Kube:
+    """A client of the test cluster with Wattplane's CRDs installed (again per module: a test may remove them)."""
+    from tests.controller.cluster_helpers import install_crds
+
+    k = Kube(test_cluster.api_client())
+    install_crds(k, test_cluster.kubectl)
+    return k
 
 
 @pytest.fixture(scope="session")

@@ -34,8 +34,7 @@ from tests.controller.test_power_cluster import DECODE, PREFILL, AgentThread, _a
 from wattplane.testcluster import TestCluster
 
 pytestmark = [pytest.mark.chaos, pytest.mark.cluster]
-# the power cluster test's fixtures: the CRDs installed, the power stage on, agents on a thread of their own
-kube = power_cluster.kube
+# the power cluster test's fixtures: the power stage on, agents on a thread of their own (kube: tests/conftest.py)
 power_on = power_cluster.power_on
 start_agents = power_cluster.start_agents
 GPUS = 8

@@ -28,19 +28,12 @@ import pytest
 from controller.kube import Kube, KubeError
 from tests.chaos.cluster_faults import Controller, Want, wait_converged
 from tests.chaos.records import ChaosRecorder
-from tests.controller.cluster_helpers import install_crds, md_body, pool_body, wait_for
+from tests.controller.cluster_helpers import md_body, pool_body, wait_for
 from wattplane.testcluster import TestCluster
 
 pytestmark = [pytest.mark.chaos, pytest.mark.cluster]
 SEED = 12  # the random-kill loop's schedule; change it to explore other interleavings
 RANDOM_KILLS = 5
-
-
-@pytest.fixture(scope="module")
-def kube(test_cluster: TestCluster) -> Kube:
-    k = Kube(test_cluster.api_client())
-    install_crds(k, test_cluster.kubectl)
-    return k
 
 
 def _uid() -> str:

@@ -26,20 +26,13 @@ from kubernetes import client, watch
 from controller.kube import Kube, KubeError
 from tests.chaos.cluster_faults import Controller
 from tests.chaos.records import ChaosRecorder
-from tests.controller.cluster_helpers import install_crds, wait_for
+from tests.controller.cluster_helpers import wait_for
 from tests.controller.test_reschedule_cluster import _deployment, _fragmented_fleet
 from wattplane.testcluster import POOL_LABEL, TestCluster
 
 pytestmark = [pytest.mark.chaos, pytest.mark.cluster]
 LIMIT = 1
 CYCLE_S = 20.0
-
-
-@pytest.fixture(scope="module")
-def kube(test_cluster: TestCluster) -> Kube:
-    k = Kube(test_cluster.api_client())
-    install_crds(k, test_cluster.kubectl)
-    return k
 
 
 @pytest.fixture

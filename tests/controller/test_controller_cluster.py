@@ -15,7 +15,6 @@ from tests.controller.cluster_helpers import (
     REPO,
     ControllerProcess,
     condition,
-    install_crds,
     md_body,
     pool_body,
     ready,
@@ -24,13 +23,6 @@ from tests.controller.cluster_helpers import (
 from wattplane.testcluster import TestCluster
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture(scope="module")
-def kube(test_cluster: TestCluster) -> Kube:
-    k = Kube(test_cluster.api_client())
-    install_crds(k, test_cluster.kubectl)
-    return k
 
 
 def _uid() -> str:

@@ -24,19 +24,12 @@ from agents.sources.simulated import SimulatedSource, constant_load
 from controller.kube import Kube
 from controller.main import AGENT_TOKEN_AUDIENCE
 from policies.power_model import gpu_power_w
-from tests.controller.cluster_helpers import ControllerProcess, install_crds, pool_body, wait_for
+from tests.controller.cluster_helpers import ControllerProcess, pool_body, wait_for
 from wattplane.testcluster import TestCluster
 
 pytestmark = pytest.mark.cluster
 
 PREFILL, DECODE = 0.1, 0.6  # each simulated GPU's load: 10% of the time in prompts, token phase at 60%
-
-
-@pytest.fixture(scope="module")
-def kube(test_cluster: TestCluster) -> Kube:
-    k = Kube(test_cluster.api_client())
-    install_crds(k, test_cluster.kubectl)
-    return k
 
 
 @pytest.fixture

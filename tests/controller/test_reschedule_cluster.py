@@ -26,18 +26,11 @@ from kubernetes import client, watch
 from controller.executor.render import L_DEPLOYMENT, L_SERVING
 from controller.kube import Kube, KubeError
 from controller.reconciler.reschedule_input import DO_NOT_MOVE
-from tests.controller.cluster_helpers import ControllerProcess, install_crds, md_body, pool_body, wait_for
+from tests.controller.cluster_helpers import ControllerProcess, md_body, pool_body, wait_for
 from wattplane.testcluster import GPU_RESOURCE, POOL_LABEL, TestCluster
 
 pytestmark = pytest.mark.cluster
 MNL = 2
-
-
-@pytest.fixture(scope="module")
-def kube(test_cluster: TestCluster) -> Kube:
-    k = Kube(test_cluster.api_client())
-    install_crds(k, test_cluster.kubectl)
-    return k
 
 
 @pytest.fixture
