@@ -33,6 +33,28 @@ pytestmark = pytest.mark.cluster
 MNL = 2
 
 
+@pytest.fixture(autouse=True)
+def _namespaces_go_with_their_test(test_cluster: TestCluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A namespace a test makes is deleted after it: a pending 8-GPU replica left behind would be work for
+    every later controller on the session's cluster (its rescheduling stage would keep evicting for it)."""
+    made: list[str] = []
+    create = test_cluster.create_namespace
+
+    def tracked(name: str, timeout_s: float = 30.0) -> str:
+        made.append(create(name, timeout_s))
+        return made[-1]
+
+    monkeypatch.setattr(test_cluster, "create_namespace", tracked)
+    yield
+    core = client.CoreV1Api(test_cluster.api_client())
+    for ns in made:
+        try:
+            core.delete_namespace(ns)
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
+
+
 @pytest.fixture
 def fleet_policy(kube: Kube) -> Iterator[Callable[[bool], None]]:
     """Turn rescheduling on (MNL 2, one move at a time) for the test; put the FleetPolicy back afterwards."""

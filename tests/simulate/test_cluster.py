@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,18 @@ MEASURED = ("slo_attainment", "cost_per_hour", "energy_kwh", "tokens_per_joule",
             "fallback_share", "solver_ms_p99", "cost_per_million_tokens", "caps_applied", "ttft_p99_ms",
             "tpot_p99_ms", "replica_changes", "guard_node_s", "quality")
 NOT_MEASURED = ("expert_copies", "policy_fallback_share")
+
+
+@pytest.fixture(scope="module")
+def test_cluster() -> Iterator[TestCluster]:
+    """A cluster of its own for these runs: a scenario driven through the controller measures that
+    scenario only if the cluster holds nothing else — the session cluster carries other tests' pods
+    (pending ones among them, which the rescheduling stage then works on) and their fleet objects."""
+    cluster = TestCluster.start(die_with_parent=True)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def _unique_quickstart(tmp_path: Path, **changes: Any) -> Path:
