@@ -586,8 +586,8 @@ class Controller:
         """Hand each node its share of the domain budget, so its agent's guard holds the budget while
         the controller is away (``policies.power.node_shares``); only with the power policy on."""
         send = getattr(self.executor.agents, "set_node_shares", None)
-        if send is None or not nodes or self.dry_run or not self.fleet_policy().spec.policies.power \
-                or self.fleet_policy().spec.dry_run:
+        spec = self.fleet_policy().spec
+        if send is None or not nodes or self.dry_run or spec.dry_run or not spec.policies.power:
             return
         draws: dict[str, float | None] = {}
         peaks: dict[str, float] = {}

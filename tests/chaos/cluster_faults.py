@@ -9,25 +9,24 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from controller.kube import Kube
-from tests.controller.cluster_helpers import REPO, condition, free_port
+from tests.controller.cluster_helpers import REPO, ControllerProcess, condition, free_port
 
 MANAGED = "app.kubernetes.io/managed-by=wattplane"
 L_GROUP = "wattplane.io/group"
 L_DEPLOYMENT = "wattplane.io/deployment"
 
 
-class Controller:
+class Controller(ControllerProcess):
     """``wattplane controller`` as a process, optionally armed with ``WATTPLANE_FAULT_POINTS``.
 
     Unlike the controller tests' helper it does not block on /healthz: an armed process may be
-    dead before a poll would see it.
+    dead before a poll would see it. Its HTTP reads (``get``, ``metric``, ``is_leader``) are that helper's.
     """
 
     def __init__(self, kubeconfig: Path, log_dir: Path, lease: str, identity: str, *, faults: str = "",
@@ -47,26 +46,6 @@ class Controller:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
                                          start_new_session=True)
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-        except OSError:
-            return 0, ""
-
-    def metric(self, name: str, labels: str = "") -> float:
-        _, text = self.get("/metrics")
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name) and line[len(name)] in "{ " and labels in line:
-                total += float(line.rsplit(" ", 1)[1])
-        return total
-
-    def is_leader(self) -> bool:
-        return self.metric("wattplane_leader") == 1.0
 
     def alive(self) -> bool:
         return self.proc.poll() is None

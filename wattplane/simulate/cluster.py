@@ -56,6 +56,7 @@ from wattplane.simulate.engine import SimResult, deployment_metrics, serving_met
 from wattplane.simulate.live import LiveFleet, LiveScraper, PodView, ScenarioSource
 from wattplane.simulate.load import generate_load
 from wattplane.simulate.scenario import Scenario
+from wattplane.testcluster.cluster import stop_process_group
 
 log = logging.getLogger("wattplane.simulate.cluster")
 REPO = Path(__file__).resolve().parents[2]
@@ -682,15 +683,8 @@ class ClusterRun:
         self.loop = None
 
     def _stop_controller(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        if self.proc is not None:
+            stop_process_group(self.proc)
 
     def _delete_namespace(self) -> None:
         if self.namespace_created:

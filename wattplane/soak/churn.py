@@ -27,7 +27,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from wattplane.soak.probe import cpu_seconds, drift, growth, open_fds, proc_status
+from wattplane.testcluster.cluster import stop_process_group
 
 API_VERSION = "wattplane.io/v1alpha1"
 MANAGED = "app.kubernetes.io/managed-by=wattplane"
@@ -92,14 +92,7 @@ class ControllerProc:
         return self.proc.poll() is None
 
     def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        stop_process_group(self.proc)
 
     def log_tail(self, n: int = 30) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])

@@ -74,6 +74,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop_process_group(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
+    """SIGTERM a process started with ``start_new_session=True``; SIGKILL its whole group if it lingers."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
 @dataclass
 class TestCluster:
     """A running local control plane. Use :meth:`start`; always :meth:`stop` (or use as a context manager)."""
