@@ -364,7 +364,10 @@ def solve_deployment(sp: Subproblem, incumbent: list[int], node_limit: int) -> t
             return best, best_val + sp.fixed, lb + sp.fixed
         a, c, w, r0 = sp.a[i], sp.c[i], sp.w[i], sp.r0[i]
         residual = sp.need - cover
-        hi = min(sp.ub[i], sp.max_r - count, max(math.ceil(max(residual, 0.0) / a), r0))
+        # a pool may take what covers the need, keeps its current replicas, or makes up the minimum count:
+        # without the last term a deployment with no need yet never got its min_replicas here (only from
+        # the incumbent, lost when that sat in a pool _undominated dropped) and zero was "proven" optimal
+        hi = min(sp.ub[i], sp.max_r - count, max(math.ceil(max(residual, 0.0) / a), r0, sp.min_r - count))
         last = i + 1 == n
         for v in range(max(hi, 0), -1, -1):
             c2 = cost + c * v + w * abs(v - r0)
