@@ -30,7 +30,7 @@ a smoothed unpinned token-phase draw; an unknown pinned GPU is assumed to want i
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
@@ -862,34 +862,93 @@ def _worst(statuses: list[SolverStatus]) -> SolverStatus:
 
 
 def node_shares(budget_w: float, draws: Mapping[str, float | None], peaks: Mapping[str, float],
-                step_w: float = 100.0) -> dict[str, float] | None:
+                step_w: float = 100.0, highs: Mapping[str, float] | None = None,
+                held: Collection[str] = ()) -> dict[str, float] | None:
     """Each node's share of its domain's budget for the agents' local guard, or None to keep the last ones.
 
     The guard is the last line of defence while the controller is away: it must stop a node from
     *rising* past its part of the budget, not take over the policy's job of choosing whom to cap.
-    So a node gets its draw plus the domain's headroom in proportion to how much more it could
-    draw (its peak minus its draw). A node whose draw is unknown counts at its peak and gets no
-    share. Over budget there is no headroom to share: None, the previous shares stay (their sum was
-    within a budget) while the policy's priority-aware caps bring the draw down. Shares are rounded
-    down to ``step_w`` so that small drifts do not resend them, and so their sum never exceeds the budget.
+    So the domain's headroom goes first where draw is known to swing: a node gets back up to its
+    recent high (``highs``: its highest draw over the last few reports), and a node its guard is
+    holding (``held``) up to its peak, since the guard hides how much it wants (as a capped GPU
+    hides its demand); if the headroom is short of that, in proportion to what each wants. The
+    rest goes in proportion to draw (a serving node's swings scale with what it draws), never
+    past what a node could still draw (its peak): what a node near its peak cannot use goes to the
+    others (:func:`fill_by_weight`). Splitting the headroom by room to rise alone gave idle nodes
+    headroom they never used and held busy ones at every burst: in the simulator the guard then
+    took over from the policy's priority-aware caps and SLO fell (``docs/benchmarks.md``,
+    simulate). A node whose draw is unknown counts at its peak and gets no share. Over budget
+    there is no headroom to share: None, the previous shares stay (their sum was within a budget)
+    while the policy's priority-aware caps bring the draw down. Shares are rounded down to
+    ``step_w`` so that small drifts do not resend them (a ``step_w`` of headroom per node is set
+    aside first, so rounding never holds a node below its draw), and their sum never exceeds the budget.
     """
-    known = {n: d for n, d in draws.items() if d is not None}
-    total = sum(known.values()) + sum(peaks.get(n, 0.0) for n, d in draws.items() if d is None)
-    headroom = budget_w - total
-    if headroom < 0 or not known:
+    names = list(draws)
+    draw = np.array([np.nan if draws[n] is None else draws[n] for n in names], dtype=float)
+    peak = np.array([peaks.get(n, np.nan) for n in names], dtype=float)
+    high = np.array([(highs or {}).get(n, np.nan) for n in names], dtype=float)
+    out = node_shares_array(budget_w, draw, peak, high, np.array([n in held for n in names], dtype=bool), step_w)
+    if out is None:
         return None
-    room = {n: max(peaks.get(n, d) - d, 0.0) for n, d in known.items()}
-    spare = sum(room.values())
-    out = {}
-    for n, d in known.items():
-        extra = headroom * (room[n] / spare if spare > 0 else 1.0 / len(known))
-        out[n] = math.floor((d + extra) / step_w) * step_w
+    return {n: v for n, v in zip(names, out.tolist(), strict=True) if v == v}
+
+
+def node_shares_array(budget_w: float, draw: np.ndarray, peak: np.ndarray, high: np.ndarray, held: np.ndarray,
+                      step_w: float = 100.0) -> np.ndarray | None:
+    """:func:`node_shares` over arrays, one entry per node of the domain (what the simulator calls
+    for thousands of nodes every 2 s): ``draw`` NaN for a silent node, ``peak`` NaN when unknown (no
+    room to rise; a silent node then counts at 0 W), ``high`` NaN for no recent high. Returns each
+    node's share (NaN for silent nodes), or None to keep the last ones."""
+    known = ~np.isnan(draw)
+    total = float(draw[known].sum()) + float(np.nan_to_num(peak[~known]).sum())
+    headroom = budget_w - total
+    if headroom < 0 or not known.any():
+        return None
+    d = draw[known]
+    # what rounding down may take: set aside first, so that no node's share falls below its draw
+    reserve = min(step_w, headroom / len(d))
+    left = headroom - reserve * len(d)
+    room = np.maximum(np.nan_to_num(peak[known] - d), 0.0)
+    room = np.maximum(room - reserve, 0.0)
+    up = np.minimum(np.maximum(np.nan_to_num(high[known] - d) - reserve, 0.0), room)
+    want = np.where(held[known], room, up)
+    extra = want if want.sum() <= left else fill_by_weight(left, want, want)
+    rest = fill_by_weight(left - float(extra.sum()), d, room - extra)
+    out = np.full(len(draw), np.nan)
+    out[known] = np.floor((d + reserve + extra + rest) / step_w) * step_w
+    return out
+
+
+def fill_by_weight(amount: float, weights: np.ndarray, room: np.ndarray) -> np.ndarray:
+    """Split ``amount`` in proportion to ``weights``, none above its ``room`` (water-filling).
+
+    Each entry gets ``min(room, level * weight)`` with one level for all, chosen so the parts sum to
+    ``amount``; if every entry is full, the rest is split by weight alone (evenly when every weight
+    is zero), so the parts always sum to ``amount``.
+    """
+    w = np.maximum(np.asarray(weights, dtype=float), 0.0)
+    r = np.maximum(np.asarray(room, dtype=float), 0.0)
+    if w.sum() <= 0:
+        w = np.ones_like(w)
+    amount = max(amount, 0.0)
+    out: np.ndarray = np.zeros(len(w))
+    pos = np.nonzero(w > 0)[0]
+    order = pos[np.argsort(r[pos] / w[pos], kind="stable")]
+    ro, wo = r[order], w[order]
+    left = amount - np.concatenate(([0.0], np.cumsum(ro)[:-1]))  # what is left when each entry's turn comes
+    w_left = np.maximum(wo.sum() - np.concatenate(([0.0], np.cumsum(wo)[:-1])), 0.0)
+    # full below the level (room / weight <= left / w_left): takes its room, never more than is left
+    full = (ro <= left) & (ro * w_left <= left * wo)
+    k = len(order) if full.all() else int(np.argmin(full))
+    out[order[:k]] = ro[:k]
+    pool = order[k:] if k < len(order) else order  # every entry full: the rest by weight over all
+    out[pool] += max(amount - float(out.sum()), 0.0) * w[pool] / w[pool].sum()
     return out
 
 
 __all__ = [
     "DomainResult", "GPUMemory", "GPUView", "Option", "OptionTable", "PowerConfig", "PowerState", "Solution",
-    "build_model", "cap_levels", "domain_gpus", "domain_metrics", "next_state_json", "node_shares", "option_table",
-    "options_for",
+    "build_model", "cap_levels", "domain_gpus", "domain_metrics", "fill_by_weight", "next_state_json", "node_shares",
+    "node_shares_array", "option_table", "options_for",
     "plan_power", "polish", "solve", "solve_greedy", "solve_greedy_table", "solve_table", "workload_priorities",
 ]

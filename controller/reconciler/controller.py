@@ -584,18 +584,27 @@ class Controller:
 
     def _send_node_shares(self, pd: api.PowerDomain, nodes: Sequence[str], readings: PowerReadings) -> None:
         """Hand each node its share of the domain budget, so its agent's guard holds the budget while
-        the controller is away (``policies.power.node_shares``); only with the power policy on."""
+        the controller is away (``policies.power.node_shares``, the rule the simulator's guard uses too:
+        latest draw, highest draw in the hub's ring buffer, guard holding it, devices' max limits);
+        only with the power policy on."""
         send = getattr(self.executor.agents, "set_node_shares", None)
         spec = self.fleet_policy().spec
         if send is None or not nodes or self.dry_run or spec.dry_run or not spec.policies.power:
             return
         draws: dict[str, float | None] = {}
         peaks: dict[str, float] = {}
+        highs: dict[str, float] = {}
+        held: set[str] = set()
         for n in nodes:
             seen = readings.nodes.get(n)
-            draws[n] = seen.draws[-1][1] if seen is not None and seen.fresh and seen.draws else None
+            fresh = seen is not None and seen.fresh and bool(seen.draws)
+            draws[n] = seen.draws[-1][1] if seen is not None and fresh else None
             peaks[n] = sum(max_w for _, _, max_w in seen.limits) if seen is not None else 0.0
-        shares = node_shares(pd.spec.budget_w, draws, peaks)
+            if seen is not None and fresh:
+                highs[n] = max(w for _, w in seen.draws)
+                if seen.guard_active:
+                    held.add(n)
+        shares = node_shares(pd.spec.budget_w, draws, peaks, highs=highs, held=held)
         if shares:
             send(shares)
 

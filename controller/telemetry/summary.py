@@ -120,6 +120,7 @@ class NodePower:
     fresh: bool
     draws: tuple[tuple[float, float], ...]  # (sampled unix s, node draw W), oldest first
     limits: tuple[tuple[int, float, float], ...]  # latest report: (gpu index, limit in force W, max legal W)
+    guard_active: bool = False  # latest report: the agent's local guard is capping the node
 
 
 class CapState(StrEnum):
@@ -159,7 +160,8 @@ def power_readings(hub: TelemetryHub) -> PowerReadings:
         top = {a.index: a.max_power_limit_w for a in state.hello.accelerators}
         report = state.last_report
         limits = tuple((g.index, g.power_limit_w, top.get(g.index, 0.0)) for g in report.gpus) if report else ()
-        nodes[state.name] = NodePower(state.name, not hub.is_stale(state.name), draws, limits)
+        nodes[state.name] = NodePower(state.name, not hub.is_stale(state.name), draws, limits,
+                                      bool(report.guard_active) if report else False)
     latest: dict[tuple[str, int], CapCommand] = {}
     for record in hub.commands.values():
         action = record.command.WhichOneof("action")

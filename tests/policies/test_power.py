@@ -428,3 +428,90 @@ def test_node_shares_count_a_silent_node_at_its_peak_and_keep_old_shares_over_bu
     assert shares is not None and set(shares) == {"a"} and shares["a"] <= 10_000.0 - 5_600.0
     assert node_shares(6_000.0, {"a": 4_000.0, "b": 4_000.0}, {"a": 5_600.0, "b": 5_600.0}) is None
     assert node_shares(6_000.0, {"quiet": None}, {"quiet": 5_600.0}) is None
+
+
+def test_node_shares_split_headroom_by_draw_so_busy_nodes_keep_room_for_their_swings() -> None:
+    from policies.power import node_shares
+
+    shares = node_shares(6_000.0, {"idle": 1_000.0, "busy": 4_000.0}, {"idle": 5_600.0, "busy": 5_600.0})
+    assert shares is not None and sum(shares.values()) <= 6_000.0
+    assert shares["busy"] - 4_000.0 > shares["idle"] - 1_000.0 > 0  # by draw, not by room to rise
+
+
+def test_node_shares_cover_a_recent_high_and_release_a_held_node_first() -> None:
+    from policies.power import node_shares
+
+    draws = {"swing": 2_500.0, "steady": 2_500.0, "pinned": 2_000.0}
+    peaks = dict.fromkeys(draws, 5_600.0)
+    # the swinging node's recent high fits in the headroom: it gets at least that, the others no less than now
+    shares = node_shares(8_000.0, draws, peaks, highs={"swing": 3_000.0, "steady": 2_500.0, "pinned": 2_000.0})
+    assert shares is not None and sum(shares.values()) <= 8_000.0
+    assert shares["swing"] >= 3_000.0 and shares["steady"] >= 2_500.0 and shares["pinned"] >= 2_000.0
+    # a node whose guard holds it hides its demand: it gets the headroom before anyone's draw-share
+    held = node_shares(8_000.0, draws, peaks, held={"pinned"})
+    assert held is not None and sum(held.values()) <= 8_000.0
+    assert held["pinned"] - 2_000.0 > held["swing"] - 2_500.0
+    assert held["steady"] >= 2_500.0  # but never at the price of holding another node below its draw
+    # wants beyond the headroom: shared in proportion to what each wants
+    short = node_shares(7_900.0, draws, peaks, highs={"swing": 3_400.0}, held={"pinned"})
+    assert short is not None and sum(short.values()) <= 7_900.0
+    assert short["pinned"] - 2_000.0 > short["swing"] - 2_500.0 > 0
+
+
+def test_node_shares_rounding_never_holds_a_node_below_its_draw_when_the_headroom_covers_it() -> None:
+    """Shares are rounded down to 100 W; a steady node given no headroom beyond its draw (1,026 W)
+    would be held at 1,000 W, its guard would engage and its draw fall — every pass."""
+    from policies.power import node_shares
+
+    draws = {"steady": 1_026.0, "held": 2_000.0}
+    peaks = dict.fromkeys(draws, 2_400.0)
+    shares = node_shares(3_300.0, draws, peaks, held={"held"})
+    assert shares is not None
+    assert shares["steady"] >= 1_026.0 and shares["held"] >= 2_000.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.one_of(st.none(), st.floats(0.0, 6_000.0)), st.floats(0.0, 6_000.0),
+                          st.floats(0.0, 6_000.0), st.booleans()), min_size=1, max_size=8),
+       st.floats(0.0, 40_000.0))
+def test_node_shares_never_exceed_the_budget_nor_hold_a_node_below_its_draw_with_room_to_spare(
+        nodes: list[tuple[float | None, float, float, bool]], budget: float) -> None:
+    from policies.power import node_shares
+
+    draws = {f"n{i}": d for i, (d, _, _, _) in enumerate(nodes)}
+    peaks = {f"n{i}": p for i, (_, p, _, _) in enumerate(nodes)}
+    highs = {f"n{i}": h for i, (_, _, h, _) in enumerate(nodes)}
+    held = {f"n{i}" for i, (_, _, _, x) in enumerate(nodes) if x}
+    shares = node_shares(budget, draws, peaks, highs=highs, held=held)
+    known = {n: d for n, d in draws.items() if d is not None}
+    headroom = budget - (sum(known.values()) + sum(peaks[n] for n, d in draws.items() if d is None))
+    if headroom < 0 or not known:
+        assert shares is None
+        return
+    assert shares is not None and set(shares) == set(known)
+    assert sum(shares.values()) <= budget + 1e-6
+    if headroom >= 100.0 * len(known):
+        assert all(shares[n] >= d - 1e-6 for n, d in known.items())
+
+
+@given(st.lists(st.tuples(st.one_of(st.just(0.0), st.floats(1e-3, 1_000.0)), st.floats(0.0, 1_000.0)),
+                min_size=1, max_size=8),
+       st.floats(0.0, 10_000.0))
+def test_fill_by_weight_sums_to_the_amount_and_fills_by_weight_up_to_each_room(
+        items: list[tuple[float, float]], amount: float) -> None:
+    import numpy as np
+
+    from policies.power import fill_by_weight
+
+    weights = np.array([w for w, _ in items])
+    room = np.array([r for _, r in items])
+    out = fill_by_weight(amount, weights, room)
+    assert float(out.sum()) == pytest.approx(amount, abs=1e-6)
+    assert (out >= 0).all()
+    if amount <= float(room[weights > 0].sum() if (weights > 0).any() else room.sum()):
+        assert (out <= room + 1e-6).all()
+        # one level: an entry below its room got exactly level x weight
+        open_ = np.nonzero((weights > 0) & (out < room - 1e-6))[0]
+        if len(open_):
+            level = out[open_[0]] / weights[open_[0]]
+            assert out[open_] == pytest.approx(level * weights[open_], rel=1e-6, abs=1e-6)

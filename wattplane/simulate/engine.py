@@ -31,7 +31,9 @@ The serving model (fluid, per deployment; documented so results can be judged):
 * the node agents' local guard (``agents/guard.py``) is emulated per node when a power stage runs:
   a node above its share of the domain budget is scaled to ``share * (1 - margin)`` within the
   step and its replicas slow down accordingly on the next (``guard_node_s`` counts node-seconds
-  held). Scenario ``agent_guard: false`` turns it off to see the controller's caps alone.
+  held). Shares are the controller's (:func:`policies.power.node_shares` on the nodes' last
+  draws, every ``SHARE_PERIOD_S`` as its PowerDomain pass), so the guard engages where it would
+  on a cluster. Scenario ``agent_guard: false`` turns it off to see the controller's caps alone.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from agents.guard import GuardConfig
 from policies import power_model
 from policies.pipeline import OFF, PipelineConfig, PipelineState, Stage, run_pipeline
 from policies.plan import Plan
+from policies.power import node_shares_array
 from policies.profiles import (
     TPOT_P99_IDLE,
     TPOT_P99_SLOPE,
@@ -83,6 +86,12 @@ MOE_EXPERT_SHARE = 0.5
 RHO_SMOOTHING_S = 20.0  # utilisation in the latency formulas: EWMA of offered load over ~20 s
 TPOT_LOW, TPOT_SLOPE = TPOT_P99_IDLE, TPOT_P99_SLOPE  # TPOT p99 = median ITL x (0.6 + 0.8 rho)
 POWER_CACHE_MAX = 100_000  # memoised power-model calls (~20 MB at most)
+# the controller hands out node shares on every PowerDomain pass, this often
+# (controller.reconciler.controller.POWER_STATUS_PERIOD_S; importing it would load the kubernetes client)
+SHARE_PERIOD_S = 2.0
+# seconds of each node's draws the controller's hub keeps: HubConfig.history reports, one per
+# agents.agent.AgentConfig.report_interval_s
+DRAWS_KEPT_S = 8.0
 
 
 @dataclass
@@ -194,7 +203,8 @@ class Simulation:
     # -- the agent-local power guard (agents/guard.py), at node level ---------------------------
     def _guard_init(self) -> None:
         """The guard runs on every node agent whenever the controller hands out node shares, i.e.
-        when a power stage runs. Shares are set each cycle by :meth:`_set_shares`."""
+        when a power stage runs. Shares come from :meth:`_set_shares` on the controller's cadence;
+        until the first ones (or while every pass finds the domain over budget) a guard has none."""
         f = self.fleet
         self.guard = (self.scenario.agent_guard and bool(f.domains)
                       and self.pipeline.setting(Stage.POWER).method != OFF)
@@ -202,47 +212,55 @@ class Simulation:
         self.gpu_dom_idx = np.where(f.gpu_domain >= 0, f.gpu_domain, n_dom)
         self.node_dom = f.gpu_domain[f.node_first] if len(f.node_first) else np.zeros(0, dtype=np.int64)
         self.node_share = np.full(len(f.node_names), np.inf)
+        # what each agent's hello reports and the controller sums as the node's peak: its devices' max limits
+        max_w = np.array([p.accelerator.max_power_w for p in self.scenario.pools])
+        self.node_peak = np.bincount(f.gpu_node, weights=max_w[f.gpu_pool], minlength=len(f.node_names))
+        self.node_draw = np.zeros(len(f.node_names))  # each node's measured draw on the last step (what it reports)
+        self.node_held = np.zeros(len(f.node_names), dtype=bool)  # its guard capped it on the last step
+        kept = max(1, math.ceil(DRAWS_KEPT_S / self.scenario.step_s))
+        self.draw_ring = np.zeros((kept, len(f.node_names)))  # each node's draws the hub still holds, by step
+        self.draw_steps = 0  # steps recorded in draw_ring
         self.guard_margin = GuardConfig().margin
 
-    def _set_shares(self, gpu_power: np.ndarray, now: float) -> None:
-        """Each node's share of its domain budget: the budget split in proportion to the nodes'
-        draw (an assumption: the shares sum to the budget, so nodes within their shares keep the
-        domain within budget). GPUs of a replica still starting count at full load under their
-        cap rather than their idle draw now, so a node whose new replica comes up before the next
-        cycle is not held to the draw it had while the weights loaded."""
+    def _set_shares(self) -> None:
+        """Each node's share of its domain budget, by the controller's own rule
+        (:func:`policies.power.node_shares`, here its array form for thousands of nodes) on the inputs
+        its PowerDomain pass reads: each node's latest reported draw (none for a failed node: its
+        agent is silent), its highest draw in the hub's ring buffer, whether its guard is capping it,
+        the sum of its devices' max power limits, the domain's budget. None (the domain over budget)
+        keeps the last shares, as does a silent node."""
         f = self.fleet
-        planned = gpu_power.copy()
-        capq = np.where(np.isnan(f.cap), -1.0, np.round(f.cap, 0))
-        for r in f.replicas.values():
-            if r.ready_at <= now or self.profiles[r.deployment][r.pool] is None:
-                continue
-            pf = float(self.prefill_fraction[r.deployment, r.pool])
-            for g in r.gpus.tolist():
-                c = float(capq[g])
-                planned[g] = max(planned[g], self._power(r.pool, pf, 1.0, np.nan if c < 0 else c))
-        node_p = np.bincount(f.gpu_node, weights=planned, minlength=len(f.node_names))
+        kept = min(self.draw_steps, len(self.draw_ring))
+        highs = self.draw_ring[:kept].max(axis=0) if kept else np.full(len(f.node_names), np.nan)
+        draws = np.where(f.node_ready, self.node_draw, np.nan)
         for d, dom in enumerate(f.domains):
-            members = self.node_dom == d
-            total = node_p[members].sum()
-            if total > 0:
-                self.node_share[members] = dom.budget_w * node_p[members] / total
+            members = np.nonzero(self.node_dom == d)[0]
+            if not len(members):
+                continue
+            shares = node_shares_array(dom.budget_w, draws[members], self.node_peak[members], highs[members],
+                                       self.node_held[members])
+            if shares is not None:
+                self.node_share[members] = np.where(np.isnan(shares), self.node_share[members], shares)
 
     def _agent_guard(self, group_power: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """A node over its share (:meth:`_set_shares`) is capped to ``share * (1 - margin)`` within
         the step (the guard acts within a second), devices scaled in proportion to their draw as
         ``agents/guard.py`` does; capped phases slow down with :func:`policies.power_model.phase_speed`'s
         exponent. Returns the per-deployment speed for the next step, the per-GPU power scale, power per domain and the
-        number of nodes the guard held.
+        number of nodes the guard held; keeps each node's resulting draw (what its agent reports) in ``node_draw``.
         """
         f = self.fleet
         gpu_p = group_power[self.gpu_group]
         node_p = np.bincount(f.gpu_node, weights=gpu_p, minlength=len(f.node_names))
         over = node_p > self.node_share
         n_dep = len(self.domains)
+        self.node_held = over
         if not over.any():
+            self._reported(node_p)
             dom = np.bincount(self.gpu_dom_idx, weights=gpu_p, minlength=len(f.domains) + 1)
             return np.ones(n_dep), np.ones(len(gpu_p)), dom, 0
         node_scale = np.where(over, self.node_share * (1 - self.guard_margin) / np.maximum(node_p, 1e-9), 1.0)
+        self._reported(node_p * node_scale)
         scale = node_scale[f.gpu_node]
         gpu_p = gpu_p * scale
         dom = np.bincount(self.gpu_dom_idx, weights=gpu_p, minlength=len(f.domains) + 1)
@@ -251,6 +269,12 @@ class Simulation:
         counts = np.bincount(self.gpu_role[serving], minlength=n_dep)
         dep_speed = np.bincount(self.gpu_role[serving], weights=speed, minlength=n_dep) / np.maximum(counts, 1)
         return np.where(counts > 0, dep_speed, 1.0), scale, dom, int(over.sum())
+
+    def _reported(self, node_draw: np.ndarray) -> None:
+        """What each node's agent reports this step: its draw, kept in the hub's ring buffer."""
+        self.node_draw = node_draw
+        self.draw_ring[self.draw_steps % len(self.draw_ring)] = node_draw
+        self.draw_steps += 1
 
     def _routed_quality(self, share: float) -> float:
         """Expected answer quality relative to the large model alone when ``share`` of its
@@ -588,6 +612,7 @@ class Simulation:
         last_util = np.zeros(n_dep)
         last_group_power = self._group_power(last_util)
         period_steps = max(1, round(sc.control_period_s / dt))
+        next_shares_at = 0.0
         report_every = max(1, steps // 100)
         for s in range(steps):
             now = s * dt
@@ -605,8 +630,6 @@ class Simulation:
                     last_group_power = self._group_power(last_util)
                 window = self._window(win_start, s, s_requests, s_demand, backlog, s_ttft, s_tpot)
                 gpu_power = last_group_power[self.gpu_group] * gpu_scale
-                if self.guard:
-                    self._set_shares(gpu_power, now)
                 gpu_util = np.where(self.gpu_role >= 0, last_util[np.maximum(self.gpu_role, 0)],
                                     np.where(self.gpu_role == -2, 0.5, 0.0))
                 t0 = time.perf_counter()
@@ -635,6 +658,9 @@ class Simulation:
                 if now >= self.next_ready:
                     f.reconcile_replicas(now)  # replacements ready: make-before-break removals go now
                 self._refresh(now)
+            if self.guard and s > 0 and now >= next_shares_at:  # the controller's PowerDomain pass
+                self._set_shares()
+                next_shares_at = now + SHARE_PERIOD_S
             # -- serve this step's arrivals
             req = self.load.requests[:, s].copy()
             inp = self.load.input_tokens[:, s].copy()
