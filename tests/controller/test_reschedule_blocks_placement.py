@@ -107,8 +107,7 @@ def test_placement_goes_on_while_rescheduling_works_on_a_pending_pod(
     for (name, n), tp in zip(want.items(), (4, 1, 2), strict=True):
         kube.create("ModelDeployment", md_body(name, ns, pool, tp=tp, min_replicas=n, max_replicas=8,
                                                allowedPools=[]), ns)
-    proc = ControllerProcess(test_cluster.kubeconfig, tmp_path, f"np-{uid}", "np",
-                             extra_args=("--log-level", "DEBUG"))
+    proc = ControllerProcess(test_cluster.kubeconfig, tmp_path, f"np-{uid}", "np")
     try:
         try:
             wait_for(lambda: _replicas(apps, ns) == want, 30, 0.5, what="the minimum replicas of every deployment")
@@ -123,4 +122,17 @@ def test_placement_goes_on_while_rescheduling_works_on_a_pending_pod(
         except AssertionError as exc:
             raise AssertionError(f"{exc}: {_replicas(apps, ns)}\n{proc.log_tail(60)}") from None
     finally:
+        _clean_up(kube, ns, want, (pool, frag_pool))
         proc.terminate()
+
+
+def _clean_up(kube: Kube, ns: str, deployments: Iterable[str], pools: Iterable[str]) -> None:
+    """ModelDeployments go while the controller still runs (it removes their finalizers), and the pools
+    with them: a pool left behind is a placement target for every later controller on the cluster."""
+    for name in deployments:
+        kube.delete("ModelDeployment", name, ns)
+    try:
+        wait_for(lambda: not kube.list("ModelDeployment", ns)["items"], 20, what="the ModelDeployments finalized")
+    finally:
+        for pool in pools:
+            kube.delete("AcceleratorPool", pool)
