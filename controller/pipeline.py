@@ -3,7 +3,7 @@
 The FleetPolicy says which stages run. Placement always has an answer: when the FleetPolicy turns
 it off, or the real policy is unavailable or fails, ``plan_placement_minimum`` stands in: min
 replicas within bounds, kept where they already run (no churn), new ones first-fit on free GPUs
-of preferred, then allowed pools. It is pure (no I/O, no clock) like every policy.
+(GPUs foreign pods hold are not free) of preferred, then allowed pools. It is pure (no I/O, no clock) like every policy.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 from controller.api.models import DisruptionLimits, PoliciesEnabled, SolverLimits
 from policies import pipeline as pp
+from policies.placement_instance import foreign_devices
 from policies.plan import Explanation, Plan, PolicyName, Reason, SetReplicas, SolverStatus
 from policies.snapshot import ModelDeployment, Snapshot
 
@@ -39,7 +40,9 @@ def plan_placement_minimum(snapshot: Snapshot, config: PlacementConfig | None = 
                            state: dict[str, Any] | None = None) -> Plan:
     """Run each deployment's min replicas; keep existing ones; place new ones first-fit on free GPUs."""
     del config
-    free: dict[str, int] = {x.name: x.gpus for x in snapshot.nodes if x.ready and x.schedulable and x.pool}
+    held = foreign_devices(snapshot)  # other workloads' GPUs are not free for our replicas
+    free: dict[str, int] = {x.name: max(x.gpus - held.get(x.name, 0), 0)
+                            for x in snapshot.nodes if x.ready and x.schedulable and x.pool}
     nodes_by_pool: dict[str, list[str]] = defaultdict(list)
     for node in sorted(snapshot.nodes, key=lambda x: x.name):
         if node.name in free and node.pool is not None:

@@ -1,5 +1,9 @@
 """API objects (+ telemetry when available) -> Snapshot, the pure picture every policy reads.
 
+Pods of other workloads (``cluster_pods`` not owned by a ModelDeployment the snapshot plans) enter
+the snapshot as foreign pods when they hold GPUs on a pool node, so placement and routing count
+only the devices they leave free (:func:`policies.placement_instance.foreign_devices`).
+
 The builder never fails on one bad object: an object that does not parse is reported in
 ``Built.invalid`` (so the reconciler can mark it Degraded with the reason) and left out, and the
 rest of the fleet is still planned.
@@ -17,6 +21,7 @@ from controller.api import convert
 from controller.api import models as api
 from controller.executor import render as r
 from controller.executor.executor import observe
+from controller.reconciler.reschedule_input import deployment_of, gpus_of
 from policies import snapshot as dom
 
 
@@ -60,8 +65,10 @@ def build_snapshot(
     now: float = 0.0,
     gpu_telemetry: Sequence[dom.GPUTelemetry] = (),
     serving: Sequence[dom.ServingTelemetry] = (),
+    cluster_pods: Iterable[Mapping[str, Any]] = (),
 ) -> Built:
-    """``owned`` maps a deployment key ``ns/name`` to the Deployments/Pods it owns."""
+    """``owned`` maps a deployment key ``ns/name`` to the Deployments/Pods it owns; ``cluster_pods`` is
+    every pod the cluster has (the controller's cluster-wide pod cache), for :func:`foreign_pods`."""
     invalid: dict[str, str] = {}
     parsed_pools: dict[str, api.AcceleratorPool] = {}
     for obj in pools:
@@ -136,6 +143,8 @@ def build_snapshot(
             pods.append(dom.Pod(name=f"{meta['namespace']}/{meta['name']}", node=spec.get("nodeName"),
                                 num_gpu=gpus, gpu_milli=1000 if gpus else 0, deployment=key))
 
+    pods.extend(foreign_pods(cluster_pods, set(pool_of), parsed_mds))
+
     snap = dom.Snapshot(
         now=now,
         pools=tuple(convert.to_pool(p) for _, p in sorted(parsed_pools.items())),
@@ -148,3 +157,28 @@ def build_snapshot(
         serving=tuple(serving),
     )
     return Built(snapshot=snap, pools=parsed_pools, deployments=parsed_mds, invalid=invalid)
+
+
+def foreign_pods(pods: Iterable[Mapping[str, Any]], pool_nodes: set[str],
+                 ours: Mapping[str, api.ModelDeployment]) -> list[dom.Pod]:
+    """GPU pods bound to a pool node that are no replica of a ModelDeployment in ``ours``.
+
+    Another team's pods, batch jobs, and the pods of a ModelDeployment the snapshot does not plan
+    (being deleted, or invalid) all hold devices Wattplane cannot place on. A pending pod holds
+    nothing on a node yet and is left out; a finished one (Succeeded/Failed) has released its
+    devices; a terminating one still holds them until it is gone (the scheduler counts it too).
+    They enter with ``deployment=None`` and whole devices (the device plugin allocates whole GPUs).
+    """
+    keys = list(ours)
+    out: list[dom.Pod] = []
+    for pod in sorted(pods, key=lambda p: (p["metadata"].get("namespace", ""), p["metadata"]["name"])):
+        meta, spec = pod["metadata"], pod.get("spec") or {}
+        node = spec.get("nodeName")
+        if not node or node not in pool_nodes or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            continue
+        gpus = gpus_of(pod)
+        if not gpus or owner_key(pod) in ours or deployment_of(pod, keys) is not None:
+            continue
+        out.append(dom.Pod(name=f"{meta.get('namespace', 'default')}/{meta['name']}", node=node, num_gpu=gpus,
+                           gpu_milli=1000))
+    return out

@@ -21,7 +21,15 @@ Modelling choices (kept simple, and written down):
   node size always pack into whole nodes when their sum fits, so pool capacity is one
   linear constraint: ``sum(devices * replicas) <= devices available``.
 * **Devices available** = ``max_nodes * gpus_per_node`` when the pool autoscales (``max_nodes``
-  set), else the GPUs of its ready, schedulable nodes in the snapshot.
+  set), else the GPUs of its ready, schedulable nodes in the snapshot; in both cases minus the
+  devices *foreign* pods hold (:func:`foreign_devices`: pods on a node that are not a replica of a
+  deployment in the snapshot, i.e. other teams' workloads sharing the pool). A pending foreign pod
+  holds nothing yet and is not counted; a fractional one (``gpu_milli < 1000``) holds its whole
+  device, since a device partly in use is not free for a whole-GPU replica. Per pair the bound
+  ``ub`` is what fits node by node (:meth:`PoolRoom.fits`): a replica of a node or more needs
+  nodes no foreign pod touches, a smaller one the free devices of one node. The pool row stays
+  one linear sum, so a mix of replica sizes on partly used nodes can still be planned a few
+  devices over what packs (the leftover of each node); the scheduler leaves that excess Pending.
 * **Cost per replica-hour** = devices x ``cost_per_device_hour`` + devices x power at load (kW)
   x ``power_price_per_kwh``. Preferred pools get a small objective discount (not in reported cost).
 * **Power per replica** (W) = devices x (board power at the target utilisation and the forecast
@@ -121,11 +129,76 @@ def replica_devices(devices: int, gpus_per_node: int) -> int:
     return d
 
 
-def pool_devices(snapshot: Snapshot, pool: Pool) -> float:
+def foreign_devices(snapshot: Snapshot) -> dict[str, int]:
+    """Per node: whole devices held by pods that are not replicas of a deployment in the snapshot.
+
+    Those are other workloads sharing the pools (another team's pods, batch jobs, the simulator's
+    background pods); placement and routing must not count their devices as Wattplane's. Rules:
+
+    * only a pod bound to a node holds devices: a pending one (``node`` None) counts nothing;
+    * a pod holds ``num_gpu`` whole devices whatever its ``gpu_milli``: a device partly in use
+      (Alibaba's fractional pods) is not free for a whole-GPU replica;
+    * pods that name their devices (``gpu_indices``) are counted by distinct device, so fractional
+      pods sharing one device hold it once; pods that do not are counted one device per GPU asked
+      (the safe side: nothing says they share);
+    * a node never holds more than its devices.
+    """
+    ours = {d.name for d in snapshot.deployments}
+    named: dict[str, set[int]] = {}
+    counted: dict[str, int] = {}
+    for pod in snapshot.pods:
+        if pod.node is None or pod.num_gpu == 0 or (pod.deployment is not None and pod.deployment in ours):
+            continue
+        if pod.gpu_indices:
+            named.setdefault(pod.node, set()).update(pod.gpu_indices)
+        else:
+            counted[pod.node] = counted.get(pod.node, 0) + pod.num_gpu
+    out = {node: len(idx) for node, idx in named.items()}
+    for node, n in counted.items():
+        out[node] = out.get(node, 0) + n
+    return out
+
+
+@dataclass(frozen=True)
+class PoolRoom:
+    """Devices a pool offers Wattplane's replicas, node by node (foreign pods' devices taken out)."""
+
+    gpus_per_node: int
+    free_per_node: IntArray  # per node counted (present ones, plus nodes an autoscaling pool may add)
+
+    @property
+    def devices(self) -> float:
+        return float(self.free_per_node.sum())
+
+    def fits(self, replica_devices: int) -> int:
+        """Replicas of ``replica_devices`` (a divisor of the node size, or whole nodes) that fit."""
+        if replica_devices < self.gpus_per_node:
+            return int((self.free_per_node // replica_devices).sum())
+        whole = int((self.free_per_node >= self.gpus_per_node).sum())
+        return whole // math.ceil(replica_devices / self.gpus_per_node)
+
+
+def pool_room(snapshot: Snapshot, pool: Pool, foreign: dict[str, int] | None = None) -> PoolRoom:
+    """The pool's devices minus what foreign pods hold (``foreign`` from :func:`foreign_devices`).
+
+    An autoscaling pool (``max_nodes`` set) counts ``max_nodes`` nodes: those present (ready or
+    not: it may replace them) and empty ones it may add; present beyond ``max_nodes``, the freest
+    count. A fixed pool counts its ready, schedulable nodes.
+    """
+    held = foreign_devices(snapshot) if foreign is None else foreign
+    gpn = pool.gpus_per_node
+    nodes = snapshot.nodes_in_pool(pool.name)
     if pool.max_nodes is not None:
-        return float(pool.max_nodes * pool.gpus_per_node)
-    nodes = [n for n in snapshot.nodes_in_pool(pool.name) if n.ready and n.schedulable]
-    return float(sum(n.gpus if n.gpus else pool.gpus_per_node for n in nodes))
+        free = sorted((max(gpn - held.get(n.name, 0), 0) for n in nodes), reverse=True)[: pool.max_nodes]
+        free += [gpn] * (pool.max_nodes - len(free))
+    else:
+        free = [max((n.gpus or gpn) - held.get(n.name, 0), 0) for n in nodes if n.ready and n.schedulable]
+    return PoolRoom(gpus_per_node=gpn, free_per_node=np.array(free, dtype=np.int64))
+
+
+def pool_devices(snapshot: Snapshot, pool: Pool, foreign: dict[str, int] | None = None) -> float:
+    """Devices the pool offers Wattplane (see :func:`pool_room`)."""
+    return pool_room(snapshot, pool, foreign).devices
 
 
 def pool_cap_fractions(snapshot: Snapshot) -> list[float]:
@@ -153,7 +226,10 @@ def build_instance(snapshot: Snapshot, profiles: ProfileTable, params: InstanceP
     for rs in snapshot.replicas:
         current[(rs.deployment, rs.pool)] = current.get((rs.deployment, rs.pool), 0) + rs.replicas
 
-    devcap = np.array([math.inf if params.unlimited_capacity else pool_devices(snapshot, p) for p in pools])
+    foreign = foreign_devices(snapshot)
+    rooms = [pool_room(snapshot, p, foreign) for p in pools]
+    devcap = np.array([math.inf if params.unlimited_capacity else room.devices for room in rooms])
+    fits: dict[tuple[int, int], int] = {}  # (pool, devices per replica) -> replicas that fit node by node
     caps = pool_cap_fractions(snapshot)
     idle_w = [power_model.gpu_power_w(p.accelerator, 0.0, 0.0, None) for p in pools]
     idle_domain: dict[str, float] = {}  # idle draw of every device present in the domain
@@ -214,7 +290,12 @@ def build_instance(snapshot: Snapshot, profiles: ProfileTable, params: InstanceP
             w = dv * max(watts_dev - idle_w[p], 0.0)
             c = dv * pool.cost_per_device_hour + dv * watts_dev / 1000.0 * params.power_price_per_kwh
             oc = c * (1 - params.preferred_discount) if pool.name in preferred else c
-            ub = d.max_replicas if math.isinf(devcap[p]) else min(d.max_replicas, int(devcap[p] // dv))
+            if math.isinf(devcap[p]):
+                ub = d.max_replicas
+            else:
+                if (p, dv) not in fits:
+                    fits[(p, dv)] = rooms[p].fits(dv)
+                ub = min(d.max_replicas, fits[(p, dv)])
             rows.append((m, p, a, c, oc, dv, w, r0, ub))
             dearest = max(dearest, c / a)
         short_price[m] = params.shortfall_factor * (dearest if dearest > 0 else 1.0)

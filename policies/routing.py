@@ -36,6 +36,7 @@ baseline: a fixed fallback share, blind to capacity.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import ortools.linear_solver.pywraplp as pywraplp
@@ -198,11 +199,13 @@ def growth_capacity(snapshot: Snapshot, deployment: ModelDeployment, profiles: P
     Routing runs before placement, which sizes the fallback for the traffic routed to it. Judging
     the fallback's room by its current replicas alone deadlocks under a surge: routing sends little
     because the fallback is small, and placement keeps it small because little is routed. Free
-    devices are the pool's devices (:func:`policies.placement_instance.pool_devices`) minus those
-    of every replica there; power budgets are left to placement (a fallback it cannot grow shows up
-    as less ready capacity next cycle).
+    devices are the pool's devices less those foreign pods hold
+    (:func:`policies.placement_instance.pool_room`: another workload's GPUs are no room to grow
+    into) minus those of every replica there, and a replica counts only where it fits node by node;
+    power budgets are left to placement (a fallback it cannot grow shows up as less ready capacity
+    next cycle).
     """
-    from policies.placement_instance import pool_devices, replica_devices
+    from policies.placement_instance import foreign_devices, pool_room, replica_devices
 
     demand = next((d for d in snapshot.demand if d.deployment == deployment.name), None)
     input_share = (demand.input_tokens_per_s / demand.output_tokens_per_s) if demand and \
@@ -212,6 +215,7 @@ def growth_capacity(snapshot: Snapshot, deployment: ModelDeployment, profiles: P
     current = sum(rs.replicas for rs in snapshot.replicas if rs.deployment == deployment.name)
     left = max(deployment.max_replicas - current, 0)
     options: list[tuple[float, int]] = []  # (tokens/s per replica, replicas that fit)
+    foreign = foreign_devices(snapshot)
     for pool in snapshot.pools:
         if left == 0 or (allowed is not None and pool.name not in allowed):
             continue
@@ -220,10 +224,13 @@ def growth_capacity(snapshot: Snapshot, deployment: ModelDeployment, profiles: P
             continue
         used = sum(rs.replicas * replica_devices(deps[rs.deployment].parallelism.devices, pool.gpus_per_node)
                    for rs in snapshot.replicas if rs.pool == pool.name and rs.deployment in deps)
-        free = pool_devices(snapshot, pool) - used
+        room = pool_room(snapshot, pool, foreign)
+        free = room.devices - used
         dev = replica_devices(deployment.parallelism.devices, pool.gpus_per_node)
-        if free >= dev:
-            options.append((prof.tokens_per_s_capacity(input_share), int(free // dev)))
+        # slots of this size left by node, less one per ``dev`` devices replicas use (they fill slots too)
+        fits = min(int(free // dev), room.fits(dev) - math.ceil(used / dev)) if free >= dev else 0
+        if fits > 0:
+            options.append((prof.tokens_per_s_capacity(input_share), fits))
     total = 0.0
     for per, fits in sorted(options, reverse=True):
         take = min(fits, left)

@@ -1,6 +1,7 @@
 """``wattplane snapshot --kubeconfig K > FILE`` — the fleet as the controller sees it, as a file.
 
-Lists the Wattplane resources, nodes and the workloads they own from a live cluster and builds the
+Lists the Wattplane resources, nodes, the workloads they own and every pod (other workloads' GPU
+pods are the snapshot's foreign pods) from a live cluster and builds the
 Snapshot with the controller's own builder (the same function the reconciler calls), so
 ``wattplane plan NAME --snapshot FILE`` answers "what would you do?" for that cluster. Objects the
 builder had to leave out (invalid specs) are named on stderr. A simulated fleet's snapshots come
@@ -31,7 +32,10 @@ def live_snapshot(kube: Any, now: float) -> Any:
             obj.setdefault("kind", kind)  # list responses omit each item's kind; the builder reads it
             workloads.append(obj)
     owned = group_by_owner(workloads)
+    # every pod, as the controller's cluster-wide cache has them: other workloads' GPUs are not Wattplane's
+    cluster_pods = kube.list("Pod")["items"]
     return build_snapshot(
+        cluster_pods=cluster_pods,
         pools=kube.list("AcceleratorPool")["items"],
         power_domains=kube.list("PowerDomain")["items"],
         deployments=kube.list("ModelDeployment")["items"],

@@ -224,13 +224,17 @@ class Controller:
         return self.fleet_policy().spec.policies.rescheduling
 
     def _on_cluster_pod(self, kind: str, new: dict[str, Any] | None, old: dict[str, Any] | None) -> None:
-        """A GPU pod appeared, moved, became unschedulable or left: the rescheduler's input changed."""
+        """A GPU pod appeared, moved, became unschedulable or left: the rescheduler's input changed, and
+        for another workload's pod so did the devices placement may use (the snapshot's foreign pods)."""
         obj = new or old
         assert obj is not None
-        if not gpus_of(obj) or not self._rescheduling_on():
+        if not gpus_of(obj):
             return
         if new is not None and old is not None and _reschedule_input(new) == _reschedule_input(old):
             return
+        ours = (obj["metadata"].get("labels") or {}).get(r.MANAGED_BY) == r.MANAGED_BY_VALUE
+        if ours and not self._rescheduling_on():
+            return  # our own pods reach the plan through _on_owned
         self._bump(spec=False)
         self.queue.add_after(FLEET, REPLAN_INTERVAL_S)
 
@@ -366,6 +370,7 @@ class Controller:
                 nodes=self.informers["Node"].items(),
                 owned=owned,
                 now=time.time(),
+                cluster_pods=self.informers["ClusterPod"].items(),
             )
             fleet = self.fleet_policy()
             spec = fleet.spec
