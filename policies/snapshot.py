@@ -230,7 +230,7 @@ class Pod(Frozen):
     gpu_indices: tuple[int, ...] = ()
     gpu_model: str | None = None  # required accelerator model, if any
     priority: PriorityClass = PriorityClass.STANDARD
-    deployment: str | None = None  # owning ModelDeployment, if any
+    deployment: str | None = None  # owning ModelDeployment; None (or one not planned): foreign, its GPUs not ours
     pdb: str | None = None  # PodDisruptionBudget name covering this pod
     movable: bool = True  # False for do-not-move labels
     numa: int | None = None  # NUMA node for the VMR2L CPU form
