@@ -172,8 +172,9 @@ class PoolRoom:
 
     def fits(self, replica_devices: int) -> int:
         """Replicas of ``replica_devices`` (a divisor of the node size, or whole nodes) that fit."""
-        if replica_devices < self.gpus_per_node:
+        if replica_devices <= self.gpus_per_node:  # within one node: its free devices, wherever they are
             return int((self.free_per_node // replica_devices).sum())
+        # across nodes: one pod of a node's width on each of several nodes with that much free
         whole = int((self.free_per_node >= self.gpus_per_node).sum())
         return whole // math.ceil(replica_devices / self.gpus_per_node)
 
