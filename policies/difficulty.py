@@ -25,9 +25,11 @@ import numpy as np
 from pydantic import Field
 
 from policies.snapshot import Frozen, PosInt
+from policies.text_encoder import SentenceEncoder
 
 WEIGHTS_PACKAGE = "policies"
 WEIGHTS_RESOURCE = "data/router_weights.json"
+EMBEDDING_WEIGHTS_RESOURCE = "data/router_weights_embedding.json"  # n-gram + embedding head (heavier)
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)  # token-count edges for the length feature
@@ -50,6 +52,31 @@ class CalibrationBin(Frozen):
     quality_small: float = Field(ge=0, le=1)
 
 
+class EmbeddingHead(Frozen):
+    """The optional heavier half of the scorer: two readings of a sentence embedding of the prompt.
+
+    ``ridge``: a linear model on the embedding; ``knn``: the mean target of the ``k`` most similar
+    training prompts (cosine in a ``proj``-dimensional PCA of the embeddings, stored at float16).
+    Each part and the n-gram score are z-scored by their out-of-fold mean/std on the training half,
+    then blended as ``z_ngram + blend[0] * z_ridge + blend[1] * z_knn`` (weights chosen by
+    cross-validation inside the training half). Vectors are base64 little-endian float16.
+    """
+
+    encoder: str  # which encoder produced the embeddings (model id @ revision # weights digest)
+    dim: PosInt
+    ngram_scale: tuple[float, float]  # (mean, std) of the n-gram score
+    ridge_f16: str
+    ridge_bias: float = 0.0
+    ridge_scale: tuple[float, float]
+    knn_mean_f16: str  # centring vector (dim)
+    knn_projection_f16: str  # dim x proj, row-major
+    knn_bank_f16: str  # n x proj unit rows: the training prompts
+    knn_targets: tuple[int, ...]  # their targets (correct_large - correct_small)
+    k: PosInt
+    knn_scale: tuple[float, float]
+    blend: tuple[float, float]
+
+
 class RouterWeights(Frozen):
     """The trained scorer: hashed-feature weights plus provenance (data files, seed, split, metrics)."""
 
@@ -66,6 +93,7 @@ class RouterWeights(Frozen):
     subject_weights: Mapping[str, float] = Field(default_factory=dict)
     length_weights: Mapping[int, float] = Field(default_factory=dict)  # length bucket -> weight
     calibration: tuple[CalibrationBin, ...] = ()
+    embedding: EmbeddingHead | None = None  # set: scores need the prompt's sentence embedding too
     provenance: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -80,6 +108,43 @@ def hashed_vector(weights: RouterWeights) -> np.ndarray:
     for k, v in weights.weights.items():
         dense[int(k)] = v
     return dense
+
+
+def decode_f16(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype="<f2").astype(np.float64)
+
+
+class EmbeddingScorer:
+    """The embedding head's two parts, decoded once: ``parts(embeddings) -> (ridge, knn)`` raw scores."""
+
+    def __init__(self, head: EmbeddingHead) -> None:
+        self.head = head
+        self.ridge = decode_f16(head.ridge_f16)
+        self.mean = decode_f16(head.knn_mean_f16)
+        self.projection = decode_f16(head.knn_projection_f16).reshape(head.dim, -1)
+        self.bank = decode_f16(head.knn_bank_f16).reshape(-1, self.projection.shape[1])
+        self.targets = np.asarray(head.knn_targets, dtype=np.float64)
+        if len(self.ridge) != head.dim or len(self.mean) != head.dim or len(self.targets) != len(self.bank):
+            raise ValueError("embedding head: vector sizes disagree with dim / bank")
+
+    def parts(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        e = np.atleast_2d(np.asarray(embeddings, dtype=np.float64))
+        ridge = e @ self.ridge + self.head.ridge_bias
+        p = (e - self.mean) @ self.projection
+        p /= np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+        sims = p @ self.bank.T
+        k = min(self.head.k, len(self.bank))
+        nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        return ridge, self.targets[nearest].mean(axis=1)
+
+    def combine(self, ngram: np.ndarray | Sequence[float], embeddings: np.ndarray) -> np.ndarray:
+        """The blended score from the n-gram scores and the embeddings of the same prompts."""
+        h = self.head
+        ridge, knn = self.parts(embeddings)
+        z = [(np.asarray(x, dtype=np.float64) - m) / sd
+             for x, (m, sd) in ((ngram, h.ngram_scale), (ridge, h.ridge_scale), (knn, h.knn_scale))]
+        out: np.ndarray = z[0] + h.blend[0] * z[1] + h.blend[1] * z[2]
+        return out
 
 
 def encode_f16(dense: np.ndarray) -> str:
@@ -162,13 +227,34 @@ def _char_features(toks: list[str], mask: int, char_ngrams: tuple[int, ...]) -> 
 
 
 class Scorer:
-    """Fast scoring with the hashed weights as one dense vector (built once per weights value)."""
+    """Fast scoring with the hashed weights as one dense vector (built once per weights value).
 
-    def __init__(self, weights: RouterWeights) -> None:
+    Weights with an embedding head need the sentence ``encoder`` (the heavier option: the encoder
+    costs tens of milliseconds of CPU per prompt, the n-gram part microseconds).
+    """
+
+    def __init__(self, weights: RouterWeights, encoder: SentenceEncoder | None = None) -> None:
         self.weights = weights
         self.dense = hashed_vector(weights)
+        self.encoder = encoder
+        self.embedding = EmbeddingScorer(weights.embedding) if weights.embedding is not None else None
+        if self.embedding is not None and encoder is None:
+            raise ValueError(f"these router weights have an embedding head: they need the encoder "
+                             f"{weights.embedding.encoder if weights.embedding else ''}")
 
     def score(self, text: str, subject: str | None = None) -> float:
+        return self.score_batch([text], [subject])[0]
+
+    def score_batch(self, texts: Sequence[str], subjects: Sequence[str | None] | None = None) -> list[float]:
+        """Scores of many prompts (the encoder, when used, runs once over the batch)."""
+        subs: Sequence[str | None] = subjects if subjects is not None else [None] * len(texts)
+        ngram = [self.ngram_score(t, s) for t, s in zip(texts, subs, strict=True)]
+        if self.embedding is None or self.encoder is None or not texts:
+            return ngram
+        return [float(x) for x in self.embedding.combine(ngram, self.encoder.embed(texts))]
+
+    def ngram_score(self, text: str, subject: str | None = None) -> float:
+        """The light part alone: hashed n-grams, length and subject."""
         w = self.weights
         toks = tokens(text)
         s = w.bias + sum(v * self.dense[k] for k, v in _word_features(toks, w.buckets - 1, w.ngram).items())
@@ -202,9 +288,10 @@ def score(weights: RouterWeights, text: str, subject: str | None = None) -> floa
 def score_many(
     weights: RouterWeights, texts: Sequence[str], subjects: Sequence[str | None] | None = None
 ) -> list[float]:
-    scorer = Scorer(weights)
+    """n-gram scores of many prompts (an embedding head, if any, is not applied: see :class:`Scorer`)."""
+    scorer = Scorer(weights.model_copy(update={"embedding": None}))
     subs: Iterable[str | None] = subjects if subjects is not None else [None] * len(texts)
-    return [scorer.score(t, s) for t, s in zip(texts, subs, strict=True)]
+    return [scorer.ngram_score(t, s) for t, s in zip(texts, subs, strict=True)]
 
 
 def weights_from_json(text: str | bytes) -> RouterWeights:
@@ -213,7 +300,7 @@ def weights_from_json(text: str | bytes) -> RouterWeights:
 
 
 __all__ = [
-    "LENGTH_BUCKETS", "WEIGHTS_PACKAGE", "WEIGHTS_RESOURCE", "CalibrationBin", "RouterWeights", "Scorer",
-    "encode_f16", "hashed_features", "hashed_vector", "length_bucket", "score", "score_many", "tokens",
-    "weights_from_json",
+    "EMBEDDING_WEIGHTS_RESOURCE", "LENGTH_BUCKETS", "WEIGHTS_PACKAGE", "WEIGHTS_RESOURCE", "CalibrationBin",
+    "EmbeddingHead", "EmbeddingScorer", "RouterWeights", "Scorer", "decode_f16", "encode_f16", "hashed_features",
+    "hashed_vector", "length_bucket", "score", "score_many", "tokens", "weights_from_json",
 ]

@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("agents.main", "run the node agent (telemetry up, commands down)"),
     "crds": ("controller.api.crdgen", "generate CRD YAML from the pydantic API models"),
     "testcluster": ("wattplane.testcluster.command", "build/start/stop the local test Kubernetes"),
+    "fetch-encoder": ("wattplane.encoder_files", "download and verify the sentence encoder for the embedding scorer"),
     "soak": ("wattplane.soak.command", "long runs (simulated fleet, controller churn): memory growth, latency drift"),
 }
 

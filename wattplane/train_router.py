@@ -37,6 +37,8 @@ import numpy as np
 from policies.difficulty import (
     LENGTH_BUCKETS,
     CalibrationBin,
+    EmbeddingHead,
+    EmbeddingScorer,
     RouterWeights,
     encode_f16,
     hashed_features,
@@ -320,17 +322,154 @@ def train(folder: Path, seed: int, use_subject: bool = True) -> tuple[RouterWeig
     return weights.model_copy(update={"calibration": calibration, "provenance": provenance}), provenance
 
 
+# -- the embedding head (optional, heavier) ----------------------------------------------------
+
+EMBEDDING_OUT = DEFAULT_OUT.with_name("router_weights_embedding.json")
+EMBEDDING_LAMBDAS = (3.0, 10.0, 30.0)
+NEIGHBOURS = (50, 100, 200)
+PROJECTION_DIMS = 64  # kNN works in a 64-d PCA of the embeddings: a 6x smaller bank, same neighbours
+CV_FOLDS = 5
+BLENDS = tuple((a, b) for a in (0.0, 0.1, 0.2, 0.3, 0.5, 0.7) for b in (0.0, 0.1, 0.2, 0.3, 0.5, 0.7))
+
+
+@dataclass(frozen=True)
+class EmbeddingParts:
+    ridge: np.ndarray
+    bias: float
+    mean: np.ndarray
+    projection: np.ndarray
+    bank: np.ndarray  # float16-rounded, as stored
+    targets: np.ndarray
+
+
+def kfold_by_question(questions: Sequence[Question], seed: int, folds: int) -> list[list[int]]:
+    """``folds`` disjoint index lists; every copy of a prompt text lands in the same fold."""
+    unique = sorted({q.prompt for q in questions})
+    order = np.random.default_rng(seed).permutation(len(unique))
+    fold_of = {unique[j]: rank % folds for rank, j in enumerate(order)}
+    return [[i for i, q in enumerate(questions) if fold_of[q.prompt] == f] for f in range(folds)]
+
+
+def fit_embedding_parts(emb: np.ndarray, y: np.ndarray, lam: float) -> EmbeddingParts:
+    """Ridge on the embeddings (closed form: 384 dims) and the PCA-projected kNN bank."""
+    e = emb.astype(np.float64)
+    bias = float(y.mean())
+    ridge_w = np.linalg.solve(e.T @ e + lam * np.eye(e.shape[1]), e.T @ (y - bias))
+    mean = e.mean(axis=0)
+    _, _, vt = np.linalg.svd(e - mean, full_matrices=False)
+    projection = vt[:PROJECTION_DIMS].T
+    bank = (e - mean) @ projection
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    f16 = [np.asarray(x, dtype="<f2").astype(np.float64) for x in (ridge_w, mean, projection, bank)]
+    return EmbeddingParts(f16[0], bias, f16[1], f16[2], f16[3], y.astype(np.int64))
+
+
+def _head(parts: EmbeddingParts, k: int, scales: dict[str, tuple[float, float]], blend: tuple[float, float],
+          encoder: str) -> EmbeddingHead:
+    return EmbeddingHead(
+        encoder=encoder, dim=len(parts.ridge), ngram_scale=scales["ngram"],
+        ridge_f16=encode_f16(parts.ridge), ridge_bias=parts.bias, ridge_scale=scales["ridge"],
+        knn_mean_f16=encode_f16(parts.mean), knn_projection_f16=encode_f16(parts.projection.ravel()),
+        knn_bank_f16=encode_f16(parts.bank.ravel()), knn_targets=tuple(int(t) for t in parts.targets), k=k,
+        knn_scale=scales["knn"], blend=blend,
+    )
+
+
+def _scale(x: np.ndarray) -> tuple[float, float]:
+    return float(np.mean(x)), float(np.std(x)) or 1.0
+
+
+def train_embedding(folder: Path, seed: int, base: RouterWeights) -> tuple[RouterWeights, dict[str, object]]:
+    """Add an embedding head to ``base`` (the n-gram weights of the same seed's training half).
+
+    Everything is chosen by 5-fold cross-validation inside the training half (folds by seed+1): the
+    embedding ridge penalty, the neighbour count and the blend; z-scales come from the same
+    out-of-fold scores. The held-out half is scored once, at the end.
+    """
+    from wattplane.encoder_files import ENCODER_ID, embed_cached, load_encoder
+
+    questions, _, _ = load_questions(folder)
+    subjects = sorted({q.subject for q in questions})
+    train_idx, test_idx = split_by_question(questions, seed)
+    train_q = [questions[i] for i in train_idx]
+    test_q = [questions[i] for i in test_idx]
+    lam = float(base.provenance.get("ridge_lambda", 30.0))
+    encoder = load_encoder()
+    emb_train = embed_cached(encoder, [q.prompt for q in train_q])
+    y = np.asarray([q.large - q.small for q in train_q])
+    folds = kfold_by_question(train_q, seed + 1, CV_FOLDS)
+    oof: dict[str, np.ndarray] = {}
+    per_fold: list[tuple[list[Question], dict[str, np.ndarray]]] = []
+    for val_idx in folds:
+        held = set(val_idx)
+        fit_idx = [i for i in range(len(train_q)) if i not in held]
+        fit_q = [train_q[i] for i in fit_idx]
+        val_q = [train_q[i] for i in val_idx]
+        raw = {"ngram": np.asarray(score_many(fit(fit_q, subjects, lam), [q.prompt for q in val_q],
+                                              [q.subject for q in val_q]))}
+        for emb_lam in EMBEDDING_LAMBDAS:
+            scorer = EmbeddingScorer(_head(fit_embedding_parts(emb_train[fit_idx], y[fit_idx], emb_lam), 1,
+                                           {"ngram": (0, 1), "ridge": (0, 1), "knn": (0, 1)}, (0, 0), ENCODER_ID))
+            raw[f"ridge{emb_lam}"], _ = scorer.parts(emb_train[val_idx])
+            for k in NEIGHBOURS:
+                scorer.head = scorer.head.model_copy(update={"k": k})
+                raw[f"knn{k}"] = scorer.parts(emb_train[val_idx])[1]
+        per_fold.append((val_q, raw))
+    for key in per_fold[0][1]:
+        oof[key] = np.concatenate([raw[key] for _, raw in per_fold])
+    scales = {key: _scale(v) for key, v in oof.items()}
+
+    def cv_apgr(emb_lam: float, k: int, a: float, b: float) -> float:
+        vals = []
+        for val_q, raw in per_fold:
+            z = [(raw[key] - scales[key][0]) / scales[key][1] for key in ("ngram", f"ridge{emb_lam}", f"knn{k}")]
+            blended = z[0] + a * z[1] + b * z[2]
+            vals.append(apgr_cpt(blended, [q.small for q in val_q], [q.large for q in val_q])["apgr"])
+        return float(np.mean(vals))
+
+    grid = {(emb_lam, k, a, b): cv_apgr(emb_lam, k, a, b)
+            for emb_lam in EMBEDDING_LAMBDAS for k in NEIGHBOURS for a, b in BLENDS}
+    emb_lam, k, a, b = max(grid, key=lambda g: grid[g])
+    head = _head(fit_embedding_parts(emb_train, y, emb_lam), k,
+                 {"ngram": scales["ngram"], "ridge": scales[f"ridge{emb_lam}"], "knn": scales[f"knn{k}"]},
+                 (a, b), ENCODER_ID)
+    weights = base.model_copy(update={"embedding": head})
+    ngram_test = score_many(weights, [q.prompt for q in test_q], [q.subject for q in test_q])
+    combined = EmbeddingScorer(head).combine(ngram_test, embed_cached(encoder, [q.prompt for q in test_q]))
+    held_out = apgr_cpt(combined, [q.small for q in test_q], [q.large for q in test_q])
+    provenance = {
+        **base.provenance,
+        "embedding": {
+            "encoder": ENCODER_ID,
+            "encoder_files": "wattplane/encoder_files.py (SHA-256 pinned to the Hugging Face revision)",
+            "chosen_by": f"{CV_FOLDS}-fold CV inside the training half (seed+1): ridge penalty, neighbours, blend",
+            "ridge_lambda": emb_lam, "neighbours": k, "projection_dims": PROJECTION_DIMS, "blend": [a, b],
+            "cv_apgr_best": round(grid[(emb_lam, k, a, b)], 4),
+            "cv_apgr_ngram_only": round(max(v for g, v in grid.items() if g[2] == 0 and g[3] == 0), 4),
+            "held_out": {key: round(v, 4) for key, v in held_out.items()},
+        },
+    }
+    return weights.model_copy(update={"provenance": provenance}), provenance
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--labels", default=None, help="directory with mmlu_*.csv (overrides --data-dir)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--no-subject", action="store_true", help="text features only")
+    parser.add_argument("--embedding", action="store_true",
+                        help="also fit the embedding head (needs the sentence encoder: wattplane fetch-encoder); "
+                             f"default --out {EMBEDDING_OUT.relative_to(EMBEDDING_OUT.parents[2])}")
 
 
 def run(args: argparse.Namespace) -> int:
-    weights, provenance = train(labels_dir(args.data_dir, args.labels), args.seed, not args.no_subject)
+    folder = labels_dir(args.data_dir, args.labels)
+    weights, provenance = train(folder, args.seed, not args.no_subject)
     out = Path(args.out)
+    if args.embedding:
+        weights, provenance = train_embedding(folder, args.seed, weights)
+        out = EMBEDDING_OUT if args.out == str(DEFAULT_OUT) else out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(weights.model_dump_json())
     sys.stdout.write(json.dumps({"out": str(out), "bytes": out.stat().st_size, **provenance}, indent=2) + "\n")
