@@ -21,31 +21,14 @@ from kubernetes import client
 from controller.executor.render import L_DEPLOYMENT
 from controller.kube import Kube, KubeError
 from tests.controller.cluster_helpers import ControllerProcess, md_body, pool_body, wait_for
-from tests.controller.test_reschedule_cluster import _deployment, _fragmented_fleet
+from tests.controller.test_reschedule_cluster import (  # the autouse fixture applies here too
+    _deployment,
+    _fragmented_fleet,
+    _namespaces_go_with_their_test,  # noqa: F401
+)
 from wattplane.testcluster import TestCluster
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture(autouse=True)
-def _namespaces_go_with_their_test(test_cluster: TestCluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Namespaces made by the test are deleted after it (a Pending 8-GPU pod left behind is later tests' work)."""
-    made: list[str] = []
-    create = test_cluster.create_namespace
-
-    def tracked(name: str, timeout_s: float = 30.0) -> str:
-        made.append(create(name, timeout_s))
-        return made[-1]
-
-    monkeypatch.setattr(test_cluster, "create_namespace", tracked)
-    yield
-    core = client.CoreV1Api(test_cluster.api_client())
-    for ns in made:
-        try:
-            core.delete_namespace(ns)
-        except client.ApiException as exc:
-            if exc.status != 404:
-                raise
 
 
 @pytest.fixture
