@@ -140,21 +140,27 @@ class SimulatedFleet:
     def reconcile_replicas(self, now: float) -> None:
         """Converge placed replicas to ``desired``: place missing ones first-fit, then remove extras.
 
-        Make before break, as the executor does: additions first, and a *ready* extra replica is
-        removed only once the deployment has no replica still starting (its replacement is ready);
-        not-yet-ready extras go at once. The engine calls this again whenever a replica turns ready.
+        Make before break: additions first; extras not yet ready go at once, but a *ready* extra
+        (an old replica a move or shrink no longer wants) is removed only while the deployment keeps
+        at least its desired total of ready replicas without it, i.e. once a replacement is Ready, or
+        because the plan shrinks the deployment as a whole. A replacement that is only starting, or
+        Pending because its pool has no room (other workloads hold the GPUs), replaces nothing: the
+        old replica keeps serving. The engine calls this again whenever a replica turns ready.
         """
         groups: dict[tuple[int, int], list[Replica]] = {}
         for r in self.replicas.values():
             groups.setdefault((r.deployment, r.pool), []).append(r)
-        starting = {r.deployment for r in self.replicas.values() if r.ready_at > now}
         for dep, pool in zip(*np.nonzero(self.desired), strict=True):
             have = len(groups.get((int(dep), int(pool)), []))
             for _ in range(int(self.desired[dep, pool]) - have):
                 if not self._place(int(dep), int(pool), now):
                     break
-                if now > 0:  # at t=0 the initial fleet starts ready
-                    starting.add(int(dep))
+        ready = np.zeros(len(self.deployments), dtype=np.int64)
+        for r in self.replicas.values():
+            ready[r.deployment] += int(r.ready_at <= now)
+        # ready replicas each deployment may lose and still have its desired total ready
+        spare = np.maximum(ready - self.desired.sum(axis=1), 0)
+        ready_extras: list[Replica] = []
         for (dep, pool), have_list in groups.items():
             extra = len(have_list) - int(self.desired[dep, pool])
             if extra <= 0:
@@ -162,8 +168,13 @@ class SimulatedFleet:
             # not-yet-ready first, then newest: the oldest (warm) replicas keep serving
             have_list.sort(key=lambda r: (r.ready_at <= now, -r.id))
             for r in have_list[:extra]:
-                if r.ready_at <= now and dep in starting:
-                    break
+                if r.ready_at <= now:
+                    ready_extras.append(r)
+                else:
+                    self._remove(r)
+        for r in sorted(ready_extras, key=lambda r: -r.id):  # newest first, across pools
+            if spare[r.deployment] > 0:
+                spare[r.deployment] -= 1
                 self._remove(r)
 
     def pending(self, dep: int, pool: int) -> int:
