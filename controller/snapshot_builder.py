@@ -172,13 +172,25 @@ def foreign_pods(pods: Iterable[Mapping[str, Any]], pool_nodes: set[str],
     keys = list(ours)
     out: list[dom.Pod] = []
     for pod in sorted(pods, key=lambda p: (p["metadata"].get("namespace", ""), p["metadata"]["name"])):
-        meta, spec = pod["metadata"], pod.get("spec") or {}
-        node = spec.get("nodeName")
-        if not node or node not in pool_nodes or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        node, gpus = held_devices(pod)
+        if node not in pool_nodes or not is_foreign(pod, keys):
             continue
-        gpus = gpus_of(pod)
-        if not gpus or owner_key(pod) in ours or deployment_of(pod, keys) is not None:
-            continue
+        meta = pod["metadata"]
         out.append(dom.Pod(name=f"{meta.get('namespace', 'default')}/{meta['name']}", node=node, num_gpu=gpus,
                            gpu_milli=1000))
     return out
+
+
+def held_devices(pod: Mapping[str, Any]) -> tuple[str | None, int]:
+    """``(node, whole GPUs)`` a pod holds: bound and not finished (a terminating pod still holds its
+    devices, as the scheduler counts it); ``(None, 0)`` for a pending or finished pod."""
+    node = (pod.get("spec") or {}).get("nodeName")
+    if not node or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        return None, 0
+    gpus = gpus_of(pod)
+    return (str(node), gpus) if gpus else (None, 0)
+
+
+def is_foreign(pod: Mapping[str, Any], ours: Sequence[str]) -> bool:
+    """Not a replica of any ModelDeployment in ``ours`` (keys ``ns/name``): another workload's pod."""
+    return owner_key(pod) not in ours and deployment_of(pod, ours) is None

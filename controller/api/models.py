@@ -121,8 +121,9 @@ class AcceleratorPoolStatus(ApiModel):
     nodes_ready: NonNegInt = 0
     devices: NonNegInt = 0
     devices_ready: NonNegInt = 0
-    devices_allocated: NonNegInt = 0
+    devices_allocated: NonNegInt = 0  # held by any bound, unfinished pod: Wattplane's replicas and other workloads'
     devices_free: NonNegInt = 0
+    devices_foreign: NonNegInt = 0  # of devices_allocated, held by other workloads (not a ModelDeployment's replica)
     fragmentation: Fraction = 0.0  # share of free devices on nodes that cannot host a whole-node replica
     power_drawn_w: NonNegFloat = 0.0
     caps_in_force: NonNegInt = 0
@@ -141,6 +142,7 @@ class AcceleratorPool(ApiModel):
         ("Nodes", "integer", ".status.nodesReady"),
         ("Free", "integer", ".status.devicesFree"),
         ("Allocated", "integer", ".status.devicesAllocated"),
+        ("Foreign", "integer", ".status.devicesForeign"),
     )
 
     api_version: Literal["wattplane.io/v1alpha1"] = "wattplane.io/v1alpha1"

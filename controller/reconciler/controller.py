@@ -44,7 +44,7 @@ from controller.reconciler.status import (
     power_plan_summary,
     wire,
 )
-from controller.snapshot_builder import Built, build_snapshot, group_by_owner, owner_key
+from controller.snapshot_builder import Built, build_snapshot, group_by_owner, held_devices, is_foreign, owner_key
 from controller.telemetry.summary import PowerReadings
 from policies.pipeline import PipelineState
 from policies.plan import MigratePod, Plan, PolicyName, SetReplicas, SetRoutingShare
@@ -233,6 +233,9 @@ class Controller:
         if new is not None and old is not None and _reschedule_input(new) == _reschedule_input(old):
             return
         ours = (obj["metadata"].get("labels") or {}).get(r.MANAGED_BY) == r.MANAGED_BY_VALUE
+        # pool status counts every pod's devices from this cache (other workloads' too): refresh it
+        for pool in self.informers["AcceleratorPool"].items():
+            self.queue.add_after(POOL + pool["metadata"]["name"], POOL_STATUS_DELAY_S)
         if ours and not self._rescheduling_on():
             return  # our own pods reach the plan through _on_owned
         self._bump(spec=False)
@@ -621,14 +624,19 @@ class Controller:
         nodes = [n for n in self.informers["Node"].items()
                  if convert.selector_matches(pool.spec.node_selector, n["metadata"].get("labels") or {})]
         names = {n["metadata"]["name"] for n in nodes}
+        ours = [convert.deployment_key(o["metadata"].get("namespace", "default"), o["metadata"]["name"])
+                for o in self.informers["ModelDeployment"].items()]
         allocated: dict[str, int] = {}
-        for pod in self.informers["Pod"].items():
-            node = str((pod.get("spec") or {}).get("nodeName"))
-            if node in names and (pod.get("status") or {}).get("phase") in ("Pending", "Running"):
-                for c in pod["spec"].get("containers") or []:
-                    gpus = int(((c.get("resources") or {}).get("limits") or {}).get(r.GPU_RESOURCE, 0) or 0)
-                    allocated[node] = allocated.get(node, 0) + gpus
-        new = wire(pool_status(pool, nodes, allocated))
+        foreign: dict[str, int] = {}
+        # every pod's devices, from the cluster-wide cache: other workloads' GPUs are not free either
+        for pod in self.informers["ClusterPod"].items():
+            node, gpus = held_devices(pod)
+            if node is None or node not in names:
+                continue
+            allocated[node] = allocated.get(node, 0) + gpus
+            if is_foreign(pod, ours):
+                foreign[node] = foreign.get(node, 0) + gpus
+        new = wire(pool_status(pool, nodes, allocated, foreign))
         old = wire(pool.status) if pool.status else {}
         if new != old:
             self.kube.patch("AcceleratorPool", name, {"status": new}, subresource="status")

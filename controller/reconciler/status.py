@@ -123,10 +123,16 @@ def deployment_status(
 
 
 def pool_status(
-    pool: api.AcceleratorPool, nodes: Sequence[Mapping[str, Any]], allocated_by_node: Mapping[str, int]
+    pool: api.AcceleratorPool, nodes: Sequence[Mapping[str, Any]], allocated_by_node: Mapping[str, int],
+    foreign_by_node: Mapping[str, int] | None = None,
 ) -> api.AcceleratorPoolStatus:
-    """Devices ready / allocated / free, and how fragmented the free devices are."""
-    n_ready = devices = devices_ready = allocated = free = stranded = 0
+    """Devices ready / allocated / free, and how fragmented the free devices are.
+
+    ``allocated_by_node`` counts every pod's devices, other workloads' too: a GPU another team's pod
+    holds is no more free than one a replica holds (placement counts it the same way); the part
+    ``foreign_by_node`` names is reported apart as ``devices_foreign``.
+    """
+    n_ready = devices = devices_ready = allocated = free = stranded = foreign = 0
     for node in nodes:
         gpus = int((node.get("status") or {}).get("allocatable", {}).get(r.GPU_RESOURCE, 0) or 0)
         conds = {c.get("type"): c.get("status") for c in (node.get("status") or {}).get("conditions") or []}
@@ -134,6 +140,7 @@ def pool_status(
         used = min(gpus, allocated_by_node.get(node["metadata"]["name"], 0))
         devices += gpus
         allocated += used
+        foreign += min(used, (foreign_by_node or {}).get(node["metadata"]["name"], 0))
         if ready:
             n_ready += 1
             devices_ready += gpus
@@ -147,6 +154,7 @@ def pool_status(
         devices_ready=devices_ready,
         devices_allocated=allocated,
         devices_free=free,
+        devices_foreign=foreign,
         fragmentation=round(stranded / free, 4) if free else 0.0,
         observed_generation=pool.metadata.get("generation"),
         power_drawn_w=(pool.status.power_drawn_w if pool.status else 0.0),

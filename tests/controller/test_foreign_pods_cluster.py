@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes import client
@@ -75,6 +76,17 @@ def test_replicas_land_in_the_pool_other_workloads_leave_free(
         assert set(nodes) == free_nodes  # one per free node, none Pending in the busy pool
         status = kube.get("ModelDeployment", "m", ns)["status"]
         assert {p["pool"]: p["replicas"] for p in status["pools"] if p["replicas"]} == {free: 2}
+        # pool status counts the other team's GPUs as allocated (they were left out), and names them foreign
+
+        def devices(pool: str) -> tuple[Any, Any, Any]:
+            st = kube.get("AcceleratorPool", pool).get("status") or {}
+            return st.get("devicesAllocated"), st.get("devicesFree"), st.get("devicesForeign")
+
+        for pool, want in ((busy, (16, 0, 16)), (free, (16, 0, 0))):
+            try:
+                wait_for(lambda: devices(pool) == want, 15, 0.5, what=f"{pool} status {want}")  # noqa: B023
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}: (allocated, free, foreign) = {devices(pool)}") from None
     finally:
         kube.delete("ModelDeployment", "m", ns)  # finalized while the controller still runs
         try:
