@@ -3,9 +3,14 @@
 Level-triggered: given the desired replicas per pool and what is observed now, it writes only the
 difference, so running it twice, or after a crash half-way, converges without duplicates (object
 names are derived from the spec, and writes are server-side applies with one field manager).
-Order, and why: additions before removals (make before break: new capacity is requested before
-old capacity goes away), and removals are clipped by a central disruption budget, whatever a
-policy asked for. Dry-run returns the same list of changes without writing.
+Order, and why: additions before removals, and make before break across pools: when a plan moves
+replicas from pool A to pool B, a *ready* replica in A goes only while the deployment keeps at least
+its desired total of ready replicas without it (the simulator's rule, ``SimulatedFleet.reconcile_replicas``),
+so a B that cannot host the replacements (full, a node died) never leaves the model with nothing
+serving; the rest goes on later reconciles as replacements turn Ready (derived from observed
+``readyReplicas``, no hidden state). Not-ready extras go at once, and so does a whole-deployment
+shrink. Removals are also clipped by a central disruption budget, whatever a policy asked for.
+Dry-run returns the same list of changes without writing.
 """
 
 from __future__ import annotations
@@ -48,10 +53,23 @@ class DisruptionBudget:
 
 
 @dataclass
+class ReadySpare:
+    """Ready replicas a deployment may still lose this pass and keep its desired total ready."""
+
+    left: int
+
+    def take(self, wanted: int) -> int:
+        granted = max(0, min(wanted, self.left))
+        self.left -= granted
+        return granted
+
+
+@dataclass
 class ExecutionResult:
     changes: list[Change] = field(default_factory=list)
     limited: bool = False  # the disruption budget or a terminating object held something back: requeue
     dry_run: bool = False
+    kept_waiting: int = 0  # old ready replicas kept until replacements elsewhere are Ready (make before break)
 
 
 @dataclass(frozen=True)
@@ -133,21 +151,34 @@ class Executor:
                 by_pool[pool].append(obj)
         pool_by_label = {r.short(name): name for name in pools}
         wanted = {p: n for p, n in desired.items() if n > 0 and p in pools}
+        seen = observe(objects)
+        spare = ReadySpare(max(sum(o.ready for o in seen.values()) - sum(wanted.values()), 0))
         # additions and updates first (make before break), then removals in pools no longer wanted
         for pool_name, n in sorted(wanted.items()):
             spec = pools[pool_name]
             mine = by_pool.get(r.short(pool_name), [])
             if r.shape_for(md, spec).kind == r.SHAPE_DEPLOYMENT:
-                self._deployment(md, pool_name, spec, n, mine, budget, result)
+                self._deployment(md, pool_name, spec, n, mine, budget, result, spare)
                 self._remove(ns, [o for o in mine if o["kind"] == "Pod" and _labels(o).get(r.L_SHAPE) == r.SHAPE_GROUP],
                              budget, result, "shape changed to Deployment")
             else:
-                self._groups(md, pool_name, spec, n, mine, budget, result)
+                self._groups(md, pool_name, spec, n, mine, budget, result, spare)
                 self._remove(ns, [o for o in mine if o["kind"] == "Deployment"], budget, result,
                              "shape changed to pod group")
         for label, mine in sorted(by_pool.items()):
             if pool_by_label.get(label) in wanted:
                 continue
+            old = seen.get(label)
+            old_pool = pool_by_label.get(label)
+            if old is not None and old_pool is not None and old.ready > spare.left:
+                # make before break: part of this pool still serves until replacements are Ready
+                if old.shape == r.SHAPE_DEPLOYMENT:
+                    self._deployment(md, old_pool, pools[old_pool], 0, mine, budget, result, spare)
+                else:
+                    self._groups(md, old_pool, pools[old_pool], 0, mine, budget, result, spare)
+                continue
+            if old is not None:
+                spare.take(old.ready)
             stale = [o for o in mine if o["kind"] == "Deployment" or _labels(o).get(r.L_SHAPE) == r.SHAPE_GROUP]
             self._remove(ns, stale, budget, result, "no replicas wanted in this pool")
             for svc in {_labels(o).get(r.L_GROUP) for o in mine if _labels(o).get(r.L_GROUP)}:
@@ -163,14 +194,25 @@ class Executor:
         mine: Sequence[Mapping[str, Any]],
         budget: DisruptionBudget,
         result: ExecutionResult,
+        spare: ReadySpare,
     ) -> None:
         current = next((o for o in mine if o["kind"] == "Deployment"), None)
         target = n
         if current is not None:
             have = int(current.get("spec", {}).get("replicas") or 0)
             if n < have:
-                target = have - budget.take(have - n)
+                # the ReplicaSet removes not-ready pods first: those go at once, ready ones only as spare allows
+                ready = min(int((current.get("status") or {}).get("readyReplicas") or 0), have)
+                unready_cut = min(have - n, have - ready)
+                ready_cut = have - n - unready_cut
+                kept = ready_cut - spare.take(ready_cut)
+                result.kept_waiting += kept
+                target = have - budget.take(have - n - kept)
                 result.limited |= target != n
+            if target == 0:
+                self._write(result, Change("delete", "Deployment", current["metadata"]["namespace"],
+                                           current["metadata"]["name"], "no replicas wanted in this pool"))
+                return
             same_hash = current["metadata"].get("annotations", {}).get(r.A_SPEC_HASH)
             want = r.render_deployment(md, pool_name, pool, target)
             if have == target and same_hash == want["metadata"]["annotations"][r.A_SPEC_HASH]:
@@ -191,16 +233,24 @@ class Executor:
         mine: Sequence[Mapping[str, Any]],
         budget: DisruptionBudget,
         result: ExecutionResult,
+        spare: ReadySpare,
     ) -> None:
         ns = md.metadata["namespace"]
         shape = r.shape_for(md, pool)
         pods = {o["metadata"]["name"]: o for o in mine if o["kind"] == "Pod"}
         existing = sorted({int(_labels(o).get(r.L_GROUP_INDEX, "0")) for o in pods.values()})
-        # shrink: highest group indices go first, whole groups at a time, within the budget
+        # shrink: whole groups at a time, highest indices first, not-ready groups at once, ready ones only
+        # as the deployment's ready spare allows (make before break), all within the budget
         extra = [i for i in existing if i >= n]
-        keep_extra = len(extra) - budget.take(len(extra))
-        result.limited |= keep_extra > 0
-        for index in sorted(extra, reverse=True)[: len(extra) - keep_extra]:
+        members_of = {i: [p for p in pods.values() if _labels(p).get(r.L_GROUP_INDEX, "0") == str(i)] for i in extra}
+        ready = [i for i in extra if members_of[i] and all(_pod_ready(p) for p in members_of[i])]
+        kept = len(ready) - spare.take(len(ready))
+        result.kept_waiting += kept
+        held = set(sorted(ready)[:kept])  # the lowest ready indices keep serving
+        removable = [i for i in extra if i not in held]
+        keep_extra = len(removable) - budget.take(len(removable))
+        result.limited |= keep_extra > 0 or kept > 0
+        for index in sorted(removable, reverse=True)[: len(removable) - keep_extra]:
             group = r.group_name(md, pool_name, index)
             members = [p for p in pods.values() if _labels(p).get(r.L_GROUP) == group]
             for p in members:

@@ -34,6 +34,7 @@ from controller.reconciler.informer import Informer
 from controller.reconciler.queue import ShutDown, WorkQueue
 from controller.reconciler.reschedule_input import gpus_of, unschedulable, with_cluster_pods
 from controller.reconciler.status import (
+    KEEPING_OLD_REPLICAS,
     Problem,
     deployment_status,
     domain_draws,
@@ -84,6 +85,12 @@ def _node_fingerprint(node: Mapping[str, Any] | None) -> tuple[Any, ...]:
     return (tuple(sorted((node["metadata"].get("labels") or {}).items())),
             (status.get("allocatable") or {}).get(r.GPU_RESOURCE), conds.get("Ready"),
             (node.get("spec") or {}).get("unschedulable"))
+
+
+def _keeping(status: api.ModelDeploymentStatus | None) -> bool:
+    """Whether the last status already said old replicas wait for their replacements."""
+    return any(c.type == api.ConditionType.PROGRESSING and c.reason == KEEPING_OLD_REPLICAS
+               for c in (status.conditions if status else []))
 
 
 def _plan_input(obj: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -692,8 +699,12 @@ class Controller:
                  if p["metadata"]["namespace"] == ns and (p["metadata"].get("labels") or {}).get(r.L_DEPLOYMENT)
                  == r.short(name) and p["spec"].get("nodeName")}
         status = deployment_status(md, {p: n for p, n in desired.items() if n}, observed, built.pools, problem,
-                                   decision, iso_now(wall), effects_of(plans, key, nodes, md.status))
+                                   decision, iso_now(wall), effects_of(plans, key, nodes, md.status),
+                                   kept_waiting=result.kept_waiting)
         changes = "; ".join(str(c) for c in result.changes)
+        if result.kept_waiting and not dry and not _keeping(md.status):  # announced once per wait
+            self.event(obj, "Normal", KEEPING_OLD_REPLICAS,
+                       f"{result.kept_waiting} old ready replica(s) keep serving until their replacements are Ready")
         fault_point("reconcile.before_status")
         self._write_status(obj, md, status, problem, decision, dry, changes)
         if stale_s:  # one deferred re-plan for everybody, not one requeue per deployment

@@ -17,6 +17,9 @@ from controller.executor.executor import Observed
 from controller.telemetry.summary import CapState, PowerReadings
 from policies.plan import Plan, PolicyName, SetExpertPlacement, SetPowerCap, SetRoutingShare
 
+# Progressing reason (and Event reason) while old ready replicas serve until their replacements are Ready
+KEEPING_OLD_REPLICAS = "KeepingOldReplicas"
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -72,6 +75,7 @@ def deployment_status(
     decision: api.Decision | None,
     now: str,
     effects: Effects | None = None,
+    kept_waiting: int = 0,
 ) -> api.ModelDeploymentStatus:
     prev = md.status or api.ModelDeploymentStatus()
     fx = effects or Effects(routing_share=prev.routing_share, expert_version=prev.expert_placement_version)
@@ -95,8 +99,10 @@ def deployment_status(
                   "AllReplicasReady" if converged and satisfied else ("Degraded" if not satisfied else "Progressing"),
                   f"{ready}/{total_desired} replicas ready", now, gen),
         condition(prev.conditions, api.ConditionType.PROGRESSING, not converged,
-                  "ScalingReplicas" if not converged else "Converged",
-                  f"{replicas} replicas running, {total_desired} desired", now, gen),
+                  KEEPING_OLD_REPLICAS if kept_waiting else ("ScalingReplicas" if not converged else "Converged"),
+                  f"{replicas} replicas running, {total_desired} desired"
+                  + (f"; {kept_waiting} old ready replica(s) kept until replacements are Ready" if kept_waiting
+                     else ""), now, gen),
         condition(prev.conditions, api.ConditionType.DEGRADED, not satisfied,
                   problem.reason if problem else "AsExpected", problem.message if problem else "", now, gen),
         condition(prev.conditions, api.ConditionType.POWER_CAPPED, fx.capped_gpus > 0,

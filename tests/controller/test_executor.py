@@ -130,15 +130,90 @@ def test_scale_down_is_clipped_by_the_disruption_budget() -> None:
     assert not res.limited and c.objects[("Deployment", "ns1", "llama-h100")]["spec"]["replicas"] == 9
 
 
-def test_pool_no_longer_wanted_is_emptied_and_new_pool_filled_first() -> None:
+def with_ready(objects: list[dict[str, Any]], ready: dict[str, int]) -> list[dict[str, Any]]:
+    """Override ``readyReplicas`` of the named Deployments (the others keep what as_observed gave)."""
+    return [{**o, "status": {"readyReplicas": ready[o["metadata"]["name"]]}}
+            if o["kind"] == "Deployment" and o["metadata"]["name"] in ready else o for o in objects]
+
+
+def test_pool_no_longer_wanted_is_emptied_once_the_new_pool_is_ready() -> None:
     c = RecordingCluster()
     m = md()
     ex = Executor(c)
     ex.apply_deployment(m, POOLS, {"h100": 2}, [], DisruptionBudget(10))
     res = ex.apply_deployment(m, POOLS, {"l4": 2}, as_observed(c), DisruptionBudget(10))
-    ops = [(ch.op, ch.name) for ch in res.changes]
-    assert ops == [("apply", "llama-l4"), ("delete", "llama-h100")]  # make before break
+    # make before break: the new pool is requested, the old one keeps serving while l4 is not Ready
+    assert [(ch.op, ch.name) for ch in res.changes] == [("apply", "llama-l4")]
+    assert res.kept_waiting == 2 and res.limited
+    # one replacement Ready: one old replica may go
+    res = ex.apply_deployment(m, POOLS, {"l4": 2}, with_ready(as_observed(c), {"llama-l4": 1}), DisruptionBudget(10))
+    assert res.kept_waiting == 1 and c.objects[("Deployment", "ns1", "llama-h100")]["spec"]["replicas"] == 1
+    res = ex.apply_deployment(m, POOLS, {"l4": 2}, as_observed(c), DisruptionBudget(10))
+    assert [(ch.op, ch.name) for ch in res.changes] == [("delete", "llama-h100")] and res.kept_waiting == 0
     assert set(c.objects) == {("Deployment", "ns1", "llama-l4")}
+
+
+def test_move_keeps_old_replicas_while_replacements_are_pending_but_not_unready_ones() -> None:
+    c = RecordingCluster()
+    m = md()
+    ex = Executor(c)
+    ex.apply_deployment(m, POOLS, {"h100": 3}, [], DisruptionBudget(10))
+    ex.apply_deployment(m, POOLS, {"h100": 3, "l4": 1}, as_observed(c), DisruptionBudget(10))
+    # h100 has 3 replicas of which only 2 are ready; l4's new replica is Pending
+    seen = with_ready(as_observed(c), {"llama-h100": 2, "llama-l4": 0})
+    res = ex.apply_deployment(m, POOLS, {"h100": 1, "l4": 2}, seen, DisruptionBudget(10))
+    # the not-ready h100 replica goes at once; both ready ones stay until l4 has Ready replacements
+    assert c.objects[("Deployment", "ns1", "llama-h100")]["spec"]["replicas"] == 2
+    assert c.objects[("Deployment", "ns1", "llama-l4")]["spec"]["replicas"] == 2
+    assert res.kept_waiting == 1
+
+
+def test_whole_deployment_shrink_is_not_held_back() -> None:
+    c = RecordingCluster()
+    m = md()
+    ex = Executor(c)
+    ex.apply_deployment(m, POOLS, {"h100": 2, "l4": 2}, [], DisruptionBudget(10))
+    res = ex.apply_deployment(m, POOLS, {"l4": 2}, as_observed(c), DisruptionBudget(10))
+    assert [(ch.op, ch.name) for ch in res.changes] == [("delete", "llama-h100")] and res.kept_waiting == 0
+
+
+def test_budget_still_clips_what_make_before_break_allows() -> None:
+    c = RecordingCluster()
+    m = md()
+    ex = Executor(c)
+    ex.apply_deployment(m, POOLS, {"h100": 4}, [], DisruptionBudget(10))
+    ex.apply_deployment(m, POOLS, {"h100": 4, "l4": 4}, as_observed(c), DisruptionBudget(10))
+    res = ex.apply_deployment(m, POOLS, {"l4": 4}, as_observed(c), DisruptionBudget(3))
+    assert res.limited and res.kept_waiting == 0  # all replacements Ready: only the budget holds back
+    assert c.objects[("Deployment", "ns1", "llama-h100")]["spec"]["replicas"] == 4  # deleted whole or not at all
+    # a move half-way: the budget clips what make before break allows (2 ready replacements, budget 1)
+    c = RecordingCluster()
+    ex = Executor(c)
+    ex.apply_deployment(m, POOLS, {"h100": 4, "l4": 4}, [], DisruptionBudget(10))
+    seen = with_ready(as_observed(c), {"llama-h100": 4, "llama-l4": 2})
+    res = ex.apply_deployment(m, POOLS, {"l4": 4}, seen, DisruptionBudget(1))
+    assert res.limited and c.objects[("Deployment", "ns1", "llama-h100")]["spec"]["replicas"] == 3
+
+
+def test_pod_groups_move_only_as_replacement_groups_turn_ready() -> None:
+    c = RecordingCluster()
+    m = md(parallelism={"tp": 8, "pp": 2})
+    ex = Executor(c)
+    ex.apply_deployment(m, POOLS, {"h100": 2}, [], DisruptionBudget(10))
+    old = as_observed(c)
+    pools = {**POOLS, "h100b": api.AcceleratorPool.model_validate(pool_obj("h100b"))}
+    res = ex.apply_deployment(m, pools, {"h100b": 2}, old, DisruptionBudget(10))
+    assert res.kept_waiting == 2
+    groups = {o["metadata"]["labels"][r.L_GROUP] for (k, _, _), o in c.objects.items() if k == "Pod"}
+    assert groups == {"llama-h100-g0", "llama-h100-g1", "llama-h100b-g0", "llama-h100b-g1"}
+    # one new group Ready (both members): one old group may go
+    seen = [o if o["kind"] != "Pod" or o["metadata"]["labels"][r.L_GROUP] != "llama-h100b-g1" else
+            {**o, "status": {"phase": "Pending"}} for o in as_observed(c)]
+    res = ex.apply_deployment(m, pools, {"h100b": 2}, seen, DisruptionBudget(10))
+    assert res.kept_waiting == 1
+    groups = {o["metadata"]["labels"][r.L_GROUP] for (k, _, _), o in c.objects.items() if k == "Pod"}
+    assert groups == {"llama-h100-g0", "llama-h100b-g0", "llama-h100b-g1"}
+    assert ("Service", "ns1", "llama-h100-g1") not in c.objects and ("Service", "ns1", "llama-h100-g0") in c.objects
 
 
 def test_dry_run_returns_the_diff_and_writes_nothing() -> None:

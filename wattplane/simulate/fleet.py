@@ -8,9 +8,8 @@ which calls those ports. Replica counts, expert placements and migrations — wh
 turns into Kubernetes writes (Deployments, pod groups, ConfigMaps, evictions) — are applied here
 directly: placement by first fit as a scheduler would, and make before break as the design asks
 (an old replica serves until a replacement is Ready; see :meth:`SimulatedFleet.reconcile_replicas`).
-Kubernetes does that inside one Deployment (a rolling update), but the executor deletes the
-Deployment of a pool a plan leaves at once, within its disruption budget, without waiting for the
-replacements elsewhere to be Ready (``controller/executor/executor.py:apply_deployment``).
+Kubernetes does that inside one Deployment (a rolling update); across pools the executor applies
+the same rule (``controller/executor/executor.py:apply_deployment``), so the two agree.
 
 State lives in numpy arrays indexed by a global GPU id so a 10,000-GPU fleet stays cheap:
 ``owner[g]`` is the replica using GPU ``g`` (-1 none), ``bg_milli[g]`` the share used by background
