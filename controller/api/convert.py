@@ -139,6 +139,12 @@ def parse_memory_mib(q: str | int | float | None) -> int:
     return int(float(text) / 2**20)
 
 
+# set on a node the migration executor cordoned so an evicted pod's replacement cannot land back there
+# (controller/executor/evictions.py); placement still counts such a node: the cordon lasts seconds and the
+# node is exactly where the pending replica the move makes room for will run
+FENCE_ANNOTATION = "wattplane.io/fenced-for-migration"
+
+
 def to_node(node: Mapping[str, object], pool: str | None, power_domain: str | None) -> dom.Node:
     meta = node.get("metadata") or {}
     status = node.get("status") or {}
@@ -155,7 +161,7 @@ def to_node(node: Mapping[str, object], pool: str | None, power_domain: str | No
         cpu_milli=parse_cpu_milli(alloc.get("cpu")),
         memory_mib=parse_memory_mib(alloc.get("memory")),
         ready=conditions.get("Ready") == "True",
-        schedulable=not spec.get("unschedulable", False),
+        schedulable=not spec.get("unschedulable", False) or bool((meta.get("annotations") or {}).get(FENCE_ANNOTATION)),
         power_domain=power_domain,
         labels=labels,
     )

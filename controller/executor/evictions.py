@@ -31,6 +31,7 @@ from enum import StrEnum
 from functools import partial
 from typing import Any
 
+from controller.api.convert import FENCE_ANNOTATION
 from controller.executor import render as r
 from controller.executor import vm_migrations as vmm
 from controller.faults import fault_point
@@ -94,9 +95,6 @@ class _InFlight:
             self.on_done()
             self.on_done = None
         return True
-
-
-FENCE_ANNOTATION = "wattplane.io/fenced-for-migration"
 
 
 class NodeFence:

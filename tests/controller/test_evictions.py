@@ -7,6 +7,7 @@ from typing import Any
 
 from kubernetes.client import ApiException
 
+from controller.api.convert import FENCE_ANNOTATION, to_node
 from controller.executor.evictions import MigrationLimits, MigrationOutcome, apply_migrations
 from policies.plan import MigratePod
 
@@ -131,3 +132,14 @@ def test_a_blocked_eviction_puts_the_replica_back_in_service_and_lifts_the_fence
     core.patch_node("n2", {"metadata": {"annotations": {"wattplane.io/fenced-for-migration": "true"}},
                            "spec": {"unschedulable": True}})
     assert lift_stale_fences(core) == ["n2"] and not core.nodes["n2"]["unschedulable"]
+
+
+def test_placement_still_counts_a_node_our_fence_cordoned_but_not_an_operators_cordon() -> None:
+    """The fence lasts seconds and keeps the node for the replica the move makes room for: were it
+    unschedulable to placement, the 8-GPU replica waiting for that node would be planned away."""
+    def node(annotations: dict[str, str]) -> dict[str, Any]:
+        return {"metadata": {"name": "n1", "annotations": annotations}, "spec": {"unschedulable": True},
+                "status": {"allocatable": {"nvidia.com/gpu": "8"}, "conditions": [{"type": "Ready", "status": "True"}]}}
+
+    assert to_node(node({FENCE_ANNOTATION: "true"}), "pool", None).schedulable
+    assert not to_node(node({}), "pool", None).schedulable
