@@ -158,3 +158,6 @@ def condition(md: dict[str, Any], type_: str) -> dict[str, Any]:
 def ready(kube: Kube, ns: str, name: str) -> dict[str, Any] | None:
     md = kube.get("ModelDeployment", name, ns)
     return md if condition(md, "Ready").get("status") == "True" else None
+
+
+MANAGED = "app.kubernetes.io/managed-by=wattplane"  # label selector of everything the controller manages

@@ -7,8 +7,6 @@ Deployment fills the pool the ModelDeployment prefers; its replicas must land in
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,27 +14,11 @@ import pytest
 from kubernetes import client
 
 from controller.kube import Kube
-from tests.controller.cluster_helpers import ControllerProcess, md_body, pool_body, wait_for
+from tests.controller.cluster_helpers import MANAGED, ControllerProcess, md_body, pool_body, wait_for
 from tests.controller.test_reschedule_cluster import _deployment
 from wattplane.testcluster import TestCluster
 
 pytestmark = pytest.mark.cluster
-
-MANAGED = "app.kubernetes.io/managed-by=wattplane"
-
-
-@pytest.fixture
-def uid() -> str:
-    return uuid.uuid4().hex[:6]
-
-
-@pytest.fixture
-def other_team(test_cluster: TestCluster, uid: str) -> Iterator[str]:
-    """Another team's namespace, deleted afterwards (its pods must not hold later tests' GPUs)."""
-    ns = test_cluster.create_namespace(f"other-{uid}")
-    yield ns
-    client.CoreV1Api(test_cluster.api_client()).delete_namespace(ns)
-
 
 def test_replicas_land_in_the_pool_other_workloads_leave_free(
         test_cluster: TestCluster, kube: Kube, tmp_path: Path, uid: str, other_team: str) -> None:

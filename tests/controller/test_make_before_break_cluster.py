@@ -10,8 +10,6 @@ keep serving while B's pods are Pending, and go only once B's replicas are Ready
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Iterator
 
 import pytest
 from kubernetes import client
@@ -20,26 +18,11 @@ from controller.api import models as api
 from controller.executor import render as r
 from controller.executor.executor import DisruptionBudget, ExecutionResult, Executor
 from controller.kube import Kube, KubeClusterPort
-from tests.controller.cluster_helpers import md_body, pool_body, wait_for
+from tests.controller.cluster_helpers import MANAGED, md_body, pool_body, wait_for
 from tests.controller.test_reschedule_cluster import _deployment
 from wattplane.testcluster import TestCluster
 
 pytestmark = pytest.mark.cluster
-
-MANAGED = "app.kubernetes.io/managed-by=wattplane"
-
-
-@pytest.fixture
-def uid() -> str:
-    return uuid.uuid4().hex[:6]
-
-
-@pytest.fixture
-def other_team(test_cluster: TestCluster, uid: str) -> Iterator[str]:
-    ns = test_cluster.create_namespace(f"other-{uid}")
-    yield ns
-    client.CoreV1Api(test_cluster.api_client()).delete_namespace(ns)
-
 
 def test_old_pool_serves_until_the_new_pool_is_ready(
         test_cluster: TestCluster, kube: Kube, uid: str, other_team: str) -> None:
