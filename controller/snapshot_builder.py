@@ -21,7 +21,7 @@ from controller.api import convert
 from controller.api import models as api
 from controller.executor import render as r
 from controller.executor.executor import observe
-from controller.reconciler.reschedule_input import deployment_of, gpus_of
+from controller.reconciler.reschedule_input import gpus_of
 from policies import snapshot as dom
 
 
@@ -169,12 +169,11 @@ def foreign_pods(pods: Iterable[Mapping[str, Any]], pool_nodes: set[str],
     devices; a terminating one still holds them until it is gone (the scheduler counts it too).
     They enter with ``deployment=None`` and whole devices (the device plugin allocates whole GPUs).
     """
-    keys = list(ours)
+    claimed = OurReplicas.of(ours)
+    held = [(pod, *held_devices(pod)) for pod in pods]  # filter first: most cluster pods hold no GPU
     out: list[dom.Pod] = []
-    for pod in sorted(pods, key=lambda p: (p["metadata"].get("namespace", ""), p["metadata"]["name"])):
-        node, gpus = held_devices(pod)
-        if node not in pool_nodes or not is_foreign(pod, keys):
-            continue
+    for pod, node, gpus in sorted(((p, n, g) for p, n, g in held if n in pool_nodes and not claimed.claims(p)),
+                                  key=lambda x: (x[0]["metadata"].get("namespace", ""), x[0]["metadata"]["name"])):
         meta = pod["metadata"]
         out.append(dom.Pod(name=f"{meta.get('namespace', 'default')}/{meta['name']}", node=node, num_gpu=gpus,
                            gpu_milli=1000))
@@ -191,6 +190,25 @@ def held_devices(pod: Mapping[str, Any]) -> tuple[str | None, int]:
     return (str(node), gpus) if gpus else (None, 0)
 
 
-def is_foreign(pod: Mapping[str, Any], ours: Sequence[str]) -> bool:
-    """Not a replica of any ModelDeployment in ``ours`` (keys ``ns/name``): another workload's pod."""
-    return owner_key(pod) not in ours and deployment_of(pod, ours) is None
+@dataclass(frozen=True)
+class OurReplicas:
+    """Which pods are replicas of a set of ModelDeployments (keys ``ns/name``): owned by one, or
+    labelled for one as :func:`controller.reconciler.reschedule_input.deployment_of` matches them.
+    Built once per pass, so telling every cluster pod apart is a set lookup, not a scan of the keys."""
+
+    keys: frozenset[str]
+    labels: frozenset[tuple[str, str]]  # (namespace, short name) as in the deployment label
+
+    @classmethod
+    def of(cls, keys: Iterable[str]) -> OurReplicas:
+        ks = frozenset(keys)
+        return cls(ks, frozenset((ns, r.short(name)) for ns, _, name in (k.partition("/") for k in ks)))
+
+    def claims(self, pod: Mapping[str, Any]) -> bool:
+        if owner_key(pod) in self.keys:
+            return True
+        meta = pod["metadata"]
+        labels = meta.get("labels") or {}
+        if labels.get(r.MANAGED_BY) != r.MANAGED_BY_VALUE or not labels.get(r.L_DEPLOYMENT):
+            return False
+        return (meta.get("namespace", "default"), labels[r.L_DEPLOYMENT]) in self.labels

@@ -127,13 +127,14 @@ class EmbeddingScorer:
         if len(self.ridge) != head.dim or len(self.mean) != head.dim or len(self.targets) != len(self.bank):
             raise ValueError("embedding head: vector sizes disagree with dim / bank")
 
-    def parts(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def parts(self, embeddings: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (ridge, kNN) scores; ``k`` overrides the head's neighbour count (the trainer's search)."""
         e = np.atleast_2d(np.asarray(embeddings, dtype=np.float64))
         ridge = e @ self.ridge + self.head.ridge_bias
         p = (e - self.mean) @ self.projection
         p /= np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
         sims = p @ self.bank.T
-        k = min(self.head.k, len(self.bank))
+        k = min(k or self.head.k, len(self.bank))
         nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         return ridge, self.targets[nearest].mean(axis=1)
 
@@ -243,6 +244,8 @@ class Scorer:
                              f"{weights.embedding.encoder if weights.embedding else ''}")
 
     def score(self, text: str, subject: str | None = None) -> float:
+        if self.embedding is None:  # the router's per-request path: no batch lists
+            return self.ngram_score(text, subject)
         return self.score_batch([text], [subject])[0]
 
     def score_batch(self, texts: Sequence[str], subjects: Sequence[str | None] | None = None) -> list[float]:

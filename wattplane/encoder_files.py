@@ -116,8 +116,8 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def load_encoder(fetch_if_missing: bool = True) -> SentenceEncoder:
-    folder = fetch() if fetch_if_missing else encoder_dir()
-    if not verified(folder):
+    folder = fetch() if fetch_if_missing else encoder_dir()  # fetch() verifies: hash the 91 MB file once
+    if not fetch_if_missing and not verified(folder):
         raise EncoderUnavailable(f"no verified {MODEL_ID} files in {folder} (run: wattplane fetch-encoder)")
     vocab = (folder / "vocab.txt").read_text(encoding="utf-8").split("\n")
     return SentenceEncoder(read_safetensors(folder / "model.safetensors"), vocab)

@@ -411,9 +411,8 @@ def train_embedding(folder: Path, seed: int, base: RouterWeights) -> tuple[Route
             scorer = EmbeddingScorer(_head(fit_embedding_parts(emb_train[fit_idx], y[fit_idx], emb_lam), 1,
                                            {"ngram": (0, 1), "ridge": (0, 1), "knn": (0, 1)}, (0, 0), ENCODER_ID))
             raw[f"ridge{emb_lam}"], _ = scorer.parts(emb_train[val_idx])
-            for k in NEIGHBOURS:
-                scorer.head = scorer.head.model_copy(update={"k": k})
-                raw[f"knn{k}"] = scorer.parts(emb_train[val_idx])[1]
+        for k in NEIGHBOURS:  # the kNN part (PCA bank) does not depend on the ridge penalty: once per fold
+            raw[f"knn{k}"] = scorer.parts(emb_train[val_idx], k)[1]
         per_fold.append((val_q, raw))
     for key in per_fold[0][1]:
         oof[key] = np.concatenate([raw[key] for _, raw in per_fold])

@@ -45,7 +45,7 @@ from controller.reconciler.status import (
     power_plan_summary,
     wire,
 )
-from controller.snapshot_builder import Built, build_snapshot, group_by_owner, held_devices, is_foreign, owner_key
+from controller.snapshot_builder import Built, OurReplicas, build_snapshot, group_by_owner, held_devices, owner_key
 from controller.telemetry.summary import PowerReadings
 from policies.pipeline import PipelineState
 from policies.plan import MigratePod, Plan, PolicyName, SetReplicas, SetRoutingShare
@@ -631,8 +631,8 @@ class Controller:
         nodes = [n for n in self.informers["Node"].items()
                  if convert.selector_matches(pool.spec.node_selector, n["metadata"].get("labels") or {})]
         names = {n["metadata"]["name"] for n in nodes}
-        ours = [convert.deployment_key(o["metadata"].get("namespace", "default"), o["metadata"]["name"])
-                for o in self.informers["ModelDeployment"].items()]
+        ours = OurReplicas.of(convert.deployment_key(o["metadata"].get("namespace", "default"), o["metadata"]["name"])
+                              for o in self.informers["ModelDeployment"].items())
         allocated: dict[str, int] = {}
         foreign: dict[str, int] = {}
         # every pod's devices, from the cluster-wide cache: other workloads' GPUs are not free either
@@ -641,7 +641,7 @@ class Controller:
             if node is None or node not in names:
                 continue
             allocated[node] = allocated.get(node, 0) + gpus
-            if is_foreign(pod, ours):
+            if not ours.claims(pod):
                 foreign[node] = foreign.get(node, 0) + gpus
         new = wire(pool_status(pool, nodes, allocated, foreign))
         old = wire(pool.status) if pool.status else {}
