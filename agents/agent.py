@@ -9,6 +9,11 @@ and are sent in order after the next hello; command results go ahead of reports.
 written to a stream stay in a ring (``sent``) until the next ``Welcome`` says which seq the hub
 stored last: the later ones are re-sent first (a write to a cut link "succeeds" into a socket
 buffer and is lost with it), earlier ones dropped, so each report reaches the hub once.
+
+The guard's share is the controller's, unless the agent reads (``watch_budget``: its own list+watch
+of its PowerDomain on the API server, ``agents/budget.py``) a domain budget below the one that share
+was computed from: then the share is scaled down at once, connected or not. Never up: only a
+controller can hand out a larger budget, knowing the other nodes.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from pathlib import Path
 
 import grpc
 
-from agents.guard import GuardConfig, PowerGuard
+from agents.budget import BudgetWatch, api_client
+from agents.guard import GuardConfig, PowerGuard, scaled_share
 from agents.limits import CommandApplier, Limits
 from agents.scraper import EngineScraper
 from agents.sources import DeviceSample, GPUSource, SourceError
@@ -54,6 +60,8 @@ class AgentConfig:
     welcome_timeout_s: float = 5.0
     power_domain: str = ""
     guard: GuardConfig = field(default_factory=GuardConfig)
+    watch_budget: bool = False  # follow the PowerDomain's budget on the API server (off: simulator, unit tests)
+    kubeconfig: Path | None = None  # for watch_budget; None: the pod's in-cluster ServiceAccount
 
 
 def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
@@ -78,7 +86,7 @@ class Agent:
         self.scraper = scraper
         self.limits = Limits(source)
         self.guard = PowerGuard(config.guard, self.limits)
-        self.applier = CommandApplier(self.limits, on_node_share=self._set_node_share)
+        self.applier = CommandApplier(self.limits, on_node_share=self._on_share_command)
         self._rng = rng or random.Random()
         self._clock = clock
         self.report_interval_s = config.report_interval_s
@@ -96,11 +104,25 @@ class Agent:
         self._stop = asyncio.Event()
         self._seq = 0
         self._last_samples: list[DeviceSample] = []
+        # the controller's share and what it was computed from; the guard enforces it, maybe scaled down
+        self.share_w = config.guard.share_w
+        self.share_domain = config.power_domain
+        self.share_budget_w = 0.0  # 0: not said (a static share, or an older controller): never scaled
+        self.observed_budget_w: float | None = None  # share_domain's budget as last read from the API server
+        self.budget_cuts = 0  # times a budget read lowered the share in force
+        self.budget_watch: BudgetWatch | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def run(self) -> None:
         """Run until :meth:`stop`; never raises for controller or engine trouble."""
         self.limits.sync()
+        self._loop = asyncio.get_running_loop()
+        if self.config.watch_budget and self.budget_watch is None:
+            kubeconfig = str(self.config.kubeconfig) if self.config.kubeconfig is not None else None
+            self.budget_watch = BudgetWatch(lambda: api_client(kubeconfig), self._budget_from_thread)
+        if self.budget_watch is not None:
+            self.budget_watch.follow(self.share_domain)
         tasks = [
             asyncio.create_task(self._sample_loop(), name="sample"),
             asyncio.create_task(self._guard_loop(), name="guard"),
@@ -112,6 +134,8 @@ class Agent:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self.budget_watch is not None:
+                await asyncio.to_thread(self.budget_watch.stop)
 
     def stop(self) -> None:
         self._stop.set()
@@ -145,6 +169,8 @@ class Agent:
             node_power_w=sum(s.power_w for s in samples),
             guard_active=self.guard.active,
             failsafe_active=any(c is not None for c in self.limits.failsafe_w),
+            node_share_w=self.guard.config.share_w,
+            observed_budget_w=self.observed_budget_w or 0.0,
         )
         if len(self.outbox) == self.outbox.maxlen:
             self.dropped_reports += 1
@@ -257,9 +283,55 @@ class Agent:
                 with contextlib.suppress(asyncio.CancelledError):
                     await sender
 
-    def _set_node_share(self, watts: float) -> None:
-        self.guard.config.share_w = watts
-        log.info("node share of the power domain is now %.0f W", watts)
+    # -- the node's share --------------------------------------------------------------------------
+    def _on_share_command(self, cmd: pb.SetNodeShare) -> None:
+        self.set_share(cmd.watts, cmd.power_domain, cmd.domain_budget_w)
+
+    def set_share(self, watts: float, domain: str = "", budget_w: float = 0.0) -> None:
+        """The controller's share of ``domain`` computed from its ``budget_w`` ("" / 0: not said)."""
+        self.share_w = watts
+        self.share_budget_w = budget_w if domain else 0.0
+        if domain and domain != self.share_domain:
+            self.share_domain = domain
+            self.observed_budget_w = None  # another domain's budget says nothing about this one
+            if self.budget_watch is not None:
+                self.budget_watch.follow(domain)
+        log.info("node share of power domain %s is now %.0f W (of a %.0f W budget)",
+                 self.share_domain or "?", watts, budget_w)
+        self._apply_share()
+
+    def on_budget(self, domain: str, budget_w: float | None) -> None:
+        """The budget of ``domain`` as read from the API server (None: gone or unreadable: keep the share)."""
+        if domain != self.share_domain:
+            return
+        self.observed_budget_w = budget_w
+        self._apply_share()
+
+    def _budget_from_thread(self, domain: str, budget_w: float | None) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.on_budget, domain, budget_w)
+
+    def _apply_share(self) -> None:
+        """Put min(controller's share, share scaled to the budget read) in force; a cut acts at once."""
+        share = scaled_share(self.share_w, self.share_budget_w, self.observed_budget_w)
+        before = self.guard.config.share_w
+        self.guard.config.share_w = share
+        if share < before - 0.5:
+            if share < self.share_w:
+                self.budget_cuts += 1
+                log.warning(
+                    "PowerDomain %s budget cut to %.0f W (the share was computed from %.0f W): node share "
+                    "%.0f W -> %.0f W, without waiting for the controller",
+                    self.share_domain, self.observed_budget_w or 0.0, self.share_budget_w, self.share_w, share,
+                )
+            self._guard_now()
+
+    def _guard_now(self) -> None:
+        """Run a guard step now rather than at the next period (the share just fell)."""
+        try:
+            self.guard_step()
+        except Exception:  # the guard loop will try again within its period
+            log.exception("guard step after a share cut failed")
 
     def _on_welcome(self, welcome: pb.Welcome) -> None:
         self.connected = True
@@ -268,7 +340,7 @@ class Agent:
         if welcome.report_interval_s > 0:
             self.report_interval_s = welcome.report_interval_s
         if welcome.node_share_w > 0:
-            self.guard.config.share_w = welcome.node_share_w
+            self.set_share(welcome.node_share_w, welcome.power_domain, welcome.domain_budget_w)
         if self.guard.failsafe(None):
             self.limits.sync()
         self._requeue_unconfirmed(welcome.last_seq)

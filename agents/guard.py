@@ -8,7 +8,11 @@ It runs every ``period_s`` (default 0.25 s), so it acts well within one second o
 
 Fail-safe: once the controller has been unreachable for ``failsafe_after_s``, the controller's
 last caps are kept only if they are safe on their own (their sum fits in the share whatever the
-load); otherwise each device is limited to an even split of the share. Reconnecting clears it.
+load); otherwise each device is limited to an even split of the share (re-split when the share
+changes while it holds). Reconnecting clears it.
+
+Shares are the controller's, but a budget cut must not wait for it: ``scaled_share`` lowers a share
+in proportion when the domain budget the agent reads is below the one the share was computed from.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class PowerGuard:
         self.active = False
         self.engagements = 0
         self._below_since: float | None = None
+        self._failsafe_share: float | None = None  # the share the fail-safe caps in force were split from
 
     def step(self, now: float, samples: Sequence[DeviceSample]) -> bool:
         """Update the guard layer from one reading; True when limits changed."""
@@ -80,16 +85,32 @@ class PowerGuard:
                 lim.failsafe_w = [None] * len(lim.failsafe_w)
                 return True
             return False
-        if any(c is not None for c in lim.failsafe_w):
+        if any(c is not None for c in lim.failsafe_w) and self._failsafe_share == share:
             return False
+        self._failsafe_share = share
         last = [
             lim.controller_w[d.index] if lim.controller_w[d.index] is not None else d.max_power_w for d in lim.devices
         ]
         if sum(c for c in last if c is not None) <= share:
-            return False  # the last caps hold the share at any load: keep them
+            # the last caps hold the share at any load: keep them (and drop a split of an older, larger share)
+            if any(c is not None for c in lim.failsafe_w):
+                lim.failsafe_w = [None] * len(lim.failsafe_w)
+                return True
+            return False
         even = share / max(1, len(lim.devices))
-        lim.failsafe_w = [clamp(even, d.min_power_w, d.max_power_w) for d in lim.devices]
-        return True
+        caps: list[float | None] = [clamp(even, d.min_power_w, d.max_power_w) for d in lim.devices]
+        changed = caps != lim.failsafe_w
+        lim.failsafe_w = caps
+        return changed
+
+
+def scaled_share(share_w: float, share_budget_w: float, budget_w: float | None) -> float:
+    """The node's share under a domain budget read after the share was computed: ``share * budget /
+    share_budget`` when the budget fell, else the share unchanged. Never raised: a larger budget is for
+    the controller to hand out (it knows the other nodes' draw), and a share of unknown basis stays."""
+    if share_w <= 0 or share_budget_w <= 0 or budget_w is None or budget_w < 0 or budget_w >= share_budget_w:
+        return share_w
+    return share_w * budget_w / share_budget_w
 
 
 def _proportional_caps(

@@ -64,7 +64,7 @@ def clamp(x: float, lo: float, hi: float) -> float:
 class CommandApplier:
     """Applies controller commands to :class:`Limits`; answers each command id once."""
 
-    def __init__(self, limits: Limits, on_node_share: Callable[[float], None] | None = None) -> None:
+    def __init__(self, limits: Limits, on_node_share: Callable[[pb.SetNodeShare], None] | None = None) -> None:
         self.limits = limits
         self.report_interval_s: float | None = None  # set by SetReportInterval
         self._on_node_share = on_node_share
@@ -146,7 +146,7 @@ class CommandApplier:
             w = cmd.set_node_share.watts
             if not 0.0 <= w <= MAX_NODE_SHARE_W:
                 return _result(pb.COMMAND_STATUS_OUT_OF_RANGE, f"node share {w} W outside [0, {MAX_NODE_SHARE_W}]")
-            self._on_node_share(w)
+            self._on_node_share(cmd.set_node_share)
             floor = sum(d.min_power_w for d in lim.devices)
             note = (
                 f"; below the node's minimum {floor} W: the guard can only hold devices at their minimum"

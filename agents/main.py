@@ -44,6 +44,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--power-domain", default="")
     parser.add_argument(
+        "--watch-budget", action="store_true",
+        help="follow the PowerDomain's budget on the API server (read-only) and scale the node share down "
+             "at once when it falls below the budget the share was computed from, controller or not",
+    )
+    parser.add_argument(
+        "--kubeconfig", type=Path, default=None, help="for --watch-budget (default: the in-cluster ServiceAccount)"
+    )
+    parser.add_argument(
         "--failsafe-after", type=float, default=10.0, help="seconds without a controller before fail-safe"
     )
     parser.add_argument(
@@ -106,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         report_interval_s=args.report_interval,
         power_domain=args.power_domain,
         guard=GuardConfig(share_w=args.node_share_w, failsafe_after_s=args.failsafe_after),
+        watch_budget=args.watch_budget,
+        kubeconfig=args.kubeconfig,
     )
     agent = Agent(config, source, scraper=EngineScraper(targets) if targets else None)
 

@@ -620,7 +620,12 @@ class Controller:
                 if seen.guard_active:
                     held.add(n)
         shares = node_shares(pd.spec.budget_w, draws, peaks, highs=highs, held=held)
-        if shares:
+        if not shares:
+            return
+        with_basis = getattr(self.executor.agents, "set_domain_shares", None)
+        if with_basis is not None:  # the domain and budget go along: agents scale down on a later, lower budget
+            with_basis(str(pd.metadata.get("name", "")), pd.spec.budget_w, shares)
+        else:
             send(shares)
 
     def reconcile_pool(self, name: str) -> None:

@@ -191,6 +191,7 @@ class TelemetryHub:
         self._sessions: dict[str, _Session] = {}
         self._domains: dict[str, str] = {}
         self._shares: dict[str, float] = {}
+        self._share_basis: dict[str, tuple[str, float]] = {}  # node -> (domain, budget W) its share is of
         self._ids = itertools.count(1)
         # Agents answer a command id once and remember it; a restarted controller's hub counts from 1
         # again, so without a per-instance prefix its commands would be answered from that memory
@@ -382,6 +383,8 @@ class TelemetryHub:
                 report_interval_s=self.config.report_interval_s,
                 node_share_w=self._shares.get(hello.node_name, 0.0),
                 last_seq=last_seq,
+                power_domain=self._share_basis.get(hello.node_name, ("", 0.0))[0],
+                domain_budget_w=self._share_basis.get(hello.node_name, ("", 0.0))[1],
             )
         )
 
@@ -475,16 +478,21 @@ class TelemetryHub:
         for name, state in self.nodes.items():
             state.power_domain = self._domains.get(name) or state.hello.power_domain or None
 
-    def set_node_shares(self, shares: dict[str, float]) -> list[str]:
+    def set_node_shares(self, shares: dict[str, float], domain: str = "", budget_w: float = 0.0) -> list[str]:
         """Each node's share of its domain budget (W) for its local guard: sent in the Welcome,
-        and as a ``SetNodeShare`` command to connected nodes whose share changed. Returns the ids."""
+        and as a ``SetNodeShare`` command to connected nodes whose share (or its basis) changed. Returns
+        the ids. With the ``domain`` and the ``budget_w`` the shares were computed from, an agent that
+        reads a lower budget for that domain scales its share down itself."""
         sent = []
+        basis = (domain, budget_w)
         for node, watts in shares.items():
-            if self._shares.get(node) == watts:
+            if self._shares.get(node) == watts and self._share_basis.get(node, ("", 0.0)) == basis:
                 continue
             self._shares[node] = watts
+            self._share_basis[node] = basis
             if node in self._sessions:
-                sent.append(self.send_command(node, pb.Command(set_node_share=pb.SetNodeShare(watts=watts))))
+                share = pb.SetNodeShare(watts=watts, power_domain=domain, domain_budget_w=budget_w)
+                sent.append(self.send_command(node, pb.Command(set_node_share=share)))
         return sent
 
     def now(self) -> float:

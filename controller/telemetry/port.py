@@ -43,6 +43,11 @@ class HubAgentPort:
         """Each node's share of its domain budget for its local guard (the hub sends only changed ones)."""
         self._on_hub_loop(self._hub.set_node_shares, shares)
 
+    def set_domain_shares(self, domain: str, budget_w: float, shares: dict[str, float]) -> None:
+        """The same, naming the PowerDomain and the budget the shares were computed from: agents that
+        read a lower budget for it on the API server scale their share down without a controller."""
+        self._on_hub_loop(self._hub.set_node_shares, shares, domain, budget_w)
+
     def _on_hub_loop(self, fn: Callable[..., object], *args: object) -> None:
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()

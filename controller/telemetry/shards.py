@@ -178,6 +178,7 @@ async def _worker_main(spec: ShardSpec, conn: Connection) -> None:
                     hub.set_accepting(msg[1])
                 elif kind == "shares":
                     hub._shares.update(msg[1])  # for the Welcome; changes are sent as commands by the controller
+                    hub._share_basis.update(msg[2] if len(msg) > 2 else {})
                 elif kind == "stop":
                     raise EOFError
         except (EOFError, OSError):  # the controller process is gone or asked us to stop
@@ -321,7 +322,7 @@ class ShardedHub(TelemetryHub):
                     if not self._ready[index].done():
                         self._ready[index].set_result(msg[1])
                     if self._shares:
-                        conn.send(("shares", dict(self._shares)))
+                        conn.send(("shares", dict(self._shares), dict(self._share_basis)))
                 else:
                     self._apply(index, msg)
         except (EOFError, OSError):
@@ -439,9 +440,9 @@ class ShardedHub(TelemetryHub):
         self.accepting = accepting
         self._broadcast(("accept", accepting))
 
-    def set_node_shares(self, shares: dict[str, float]) -> list[str]:
-        sent = super().set_node_shares(shares)
-        self._broadcast(("shares", dict(shares)))
+    def set_node_shares(self, shares: dict[str, float], domain: str = "", budget_w: float = 0.0) -> list[str]:
+        sent = super().set_node_shares(shares, domain, budget_w)
+        self._broadcast(("shares", dict(shares), dict.fromkeys(shares, (domain, budget_w))))
         return sent
 
     def _broadcast(self, msg: tuple[Any, ...]) -> None:

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/wattplane/v1/agent.proto\x12\x0cwattplane.v1\"\xe2\x01\n\x0f\x41\x63\x63\x65leratorInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nmemory_gib\x18\x04 \x01(\x01\x12\r\n\x05tdp_w\x18\x05 \x01(\x01\x12\x19\n\x11min_power_limit_w\x18\x06 \x01(\x01\x12\x19\n\x11max_power_limit_w\x18\x07 \x01(\x01\x12\x18\n\x10min_sm_clock_mhz\x18\x08 \x01(\x01\x12\x18\n\x10max_sm_clock_mhz\x18\t \x01(\x01\x12\x16\n\x0e\x64river_version\x18\n \x01(\t\"\xf0\x01\n\tNodeHello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12\x33\n\x0c\x61\x63\x63\x65lerators\x18\x03 \x03(\x0b\x32\x1d.wattplane.v1.AcceleratorInfo\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x14\n\x0cpower_domain\x18\x06 \x01(\t\x12\x14\n\x0cnode_share_w\x18\x07 \x01(\x01\x12\x19\n\x11report_interval_s\x18\x08 \x01(\x01\x12\x13\n\x0binstance_id\x18\t \x01(\t\"\xfc\x01\n\tGPUSample\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07power_w\x18\x02 \x01(\x01\x12\x10\n\x08\x65nergy_j\x18\x03 \x01(\x01\x12\x13\n\x0butilisation\x18\x04 \x01(\x01\x12\x17\n\x0fmemory_used_gib\x18\x05 \x01(\x01\x12\x14\n\x0csm_clock_mhz\x18\x06 \x01(\x01\x12\x15\n\rtemperature_c\x18\x07 \x01(\x01\x12\x15\n\rpower_limit_w\x18\x08 \x01(\x01\x12\x17\n\x0f\x63lock_limit_mhz\x18\t \x01(\x01\x12\x1d\n\x10prefill_fraction\x18\n \x01(\x01H\x00\x88\x01\x01\x42\x13\n\x11_prefill_fraction\"2\n\x11\x45xpertLayerTokens\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\x04\"\x87\x03\n\rReplicaSample\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\t\x12\x16\n\x0erequests_per_s\x18\x03 \x01(\x01\x12\x1a\n\x12input_tokens_per_s\x18\x04 \x01(\x01\x12\x1b\n\x13output_tokens_per_s\x18\x05 \x01(\x01\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\x01\x12\x15\n\rrunning_batch\x18\x07 \x01(\x01\x12\x13\n\x0bttft_p50_ms\x18\x08 \x01(\x01\x12\x13\n\x0bttft_p99_ms\x18\t \x01(\x01\x12\x13\n\x0btpot_p50_ms\x18\n \x01(\x01\x12\x13\n\x0btpot_p99_ms\x18\x0b \x01(\x01\x12\x14\n\x0ckv_cache_use\x18\x0c \x01(\x01\x12\x36\n\rexpert_tokens\x18\r \x03(\x0b\x32\x1f.wattplane.v1.ExpertLayerTokens\x12\x1d\n\x10prefill_fraction\x18\x0e \x01(\x01H\x00\x88\x01\x01\x42\x13\n\x11_prefill_fraction\"\xe3\x01\n\nNodeReport\x12\x14\n\x0csent_unix_ns\x18\x01 \x01(\x06\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x17\n\x0fsampled_unix_ns\x18\x03 \x01(\x06\x12%\n\x04gpus\x18\x04 \x03(\x0b\x32\x17.wattplane.v1.GPUSample\x12-\n\x08replicas\x18\x05 \x03(\x0b\x32\x1b.wattplane.v1.ReplicaSample\x12\x14\n\x0cnode_power_w\x18\x06 \x01(\x01\x12\x14\n\x0cguard_active\x18\x07 \x01(\x08\x12\x17\n\x0f\x66\x61ilsafe_active\x18\x08 \x01(\x08\"t\n\rCommandResult\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.wattplane.v1.CommandStatus\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\tapplied_w\x18\x04 \x03(\x01\"3\n\rSetPowerLimit\x12\x13\n\x0bgpu_indices\x18\x01 \x03(\r\x12\r\n\x05watts\x18\x02 \x01(\x01\">\n\rSetClockLimit\x12\x13\n\x0bgpu_indices\x18\x01 \x03(\r\x12\x18\n\x10max_sm_clock_mhz\x18\x02 \x01(\x01\"\"\n\x0b\x43learLimits\x12\x13\n\x0bgpu_indices\x18\x01 \x03(\r\"$\n\x11SetReportInterval\x12\x0f\n\x07seconds\x18\x01 \x01(\x01\"\x1d\n\x0cSetNodeShare\x12\r\n\x05watts\x18\x01 \x01(\x01\"\xb8\x02\n\x07\x43ommand\x12\n\n\x02id\x18\x01 \x01(\t\x12\x36\n\x0fset_power_limit\x18\x02 \x01(\x0b\x32\x1b.wattplane.v1.SetPowerLimitH\x00\x12\x36\n\x0fset_clock_limit\x18\x03 \x01(\x0b\x32\x1b.wattplane.v1.SetClockLimitH\x00\x12\x31\n\x0c\x63lear_limits\x18\x04 \x01(\x0b\x32\x19.wattplane.v1.ClearLimitsH\x00\x12>\n\x13set_report_interval\x18\x05 \x01(\x0b\x32\x1f.wattplane.v1.SetReportIntervalH\x00\x12\x34\n\x0eset_node_share\x18\x06 \x01(\x0b\x32\x1a.wattplane.v1.SetNodeShareH\x00\x42\x08\n\x06\x61\x63tion\"f\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x19\n\x11report_interval_s\x18\x02 \x01(\x01\x12\x14\n\x0cnode_share_w\x18\x03 \x01(\x01\x12\x10\n\x08last_seq\x18\x04 \x01(\x04\"\x9b\x01\n\x0c\x41gentMessage\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.wattplane.v1.NodeHelloH\x00\x12*\n\x06report\x18\x02 \x01(\x0b\x32\x18.wattplane.v1.NodeReportH\x00\x12-\n\x06result\x18\x03 \x01(\x0b\x32\x1b.wattplane.v1.CommandResultH\x00\x42\x06\n\x04\x62ody\"o\n\x11\x43ontrollerMessage\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.wattplane.v1.WelcomeH\x00\x12(\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x15.wattplane.v1.CommandH\x00\x42\x06\n\x04\x62ody*K\n\x0fProtocolVersion\x12 \n\x1cPROTOCOL_VERSION_UNSPECIFIED\x10\x00\x12\x16\n\x12PROTOCOL_VERSION_1\x10\x01*\xa7\x01\n\rCommandStatus\x12\x1e\n\x1a\x43OMMAND_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43OMMAND_STATUS_APPLIED\x10\x01\x12\x1f\n\x1b\x43OMMAND_STATUS_OUT_OF_RANGE\x10\x02\x12\x19\n\x15\x43OMMAND_STATUS_FAILED\x10\x03\x12\x1e\n\x1a\x43OMMAND_STATUS_UNSUPPORTED\x10\x04\x32Z\n\x0c\x41gentService\x12J\n\x07\x43onnect\x12\x1a.wattplane.v1.AgentMessage\x1a\x1f.wattplane.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/wattplane/v1/agent.proto\x12\x0cwattplane.v1\"\xe2\x01\n\x0f\x41\x63\x63\x65leratorInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nmemory_gib\x18\x04 \x01(\x01\x12\r\n\x05tdp_w\x18\x05 \x01(\x01\x12\x19\n\x11min_power_limit_w\x18\x06 \x01(\x01\x12\x19\n\x11max_power_limit_w\x18\x07 \x01(\x01\x12\x18\n\x10min_sm_clock_mhz\x18\x08 \x01(\x01\x12\x18\n\x10max_sm_clock_mhz\x18\t \x01(\x01\x12\x16\n\x0e\x64river_version\x18\n \x01(\t\"\xf0\x01\n\tNodeHello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12\x33\n\x0c\x61\x63\x63\x65lerators\x18\x03 \x03(\x0b\x32\x1d.wattplane.v1.AcceleratorInfo\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x14\n\x0cpower_domain\x18\x06 \x01(\t\x12\x14\n\x0cnode_share_w\x18\x07 \x01(\x01\x12\x19\n\x11report_interval_s\x18\x08 \x01(\x01\x12\x13\n\x0binstance_id\x18\t \x01(\t\"\xfc\x01\n\tGPUSample\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07power_w\x18\x02 \x01(\x01\x12\x10\n\x08\x65nergy_j\x18\x03 \x01(\x01\x12\x13\n\x0butilisation\x18\x04 \x01(\x01\x12\x17\n\x0fmemory_used_gib\x18\x05 \x01(\x01\x12\x14\n\x0csm_clock_mhz\x18\x06 \x01(\x01\x12\x15\n\rtemperature_c\x18\x07 \x01(\x01\x12\x15\n\rpower_limit_w\x18\x08 \x01(\x01\x12\x17\n\x0f\x63lock_limit_mhz\x18\t \x01(\x01\x12\x1d\n\x10prefill_fraction\x18\n \x01(\x01H\x00\x88\x01\x01\x42\x13\n\x11_prefill_fraction\"2\n\x11\x45xpertLayerTokens\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\x04\"\x87\x03\n\rReplicaSample\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\t\x12\x16\n\x0erequests_per_s\x18\x03 \x01(\x01\x12\x1a\n\x12input_tokens_per_s\x18\x04 \x01(\x01\x12\x1b\n\x13output_tokens_per_s\x18\x05 \x01(\x01\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\x01\x12\x15\n\rrunning_batch\x18\x07 \x01(\x01\x12\x13\n\x0bttft_p50_ms\x18\x08 \x01(\x01\x12\x13\n\x0bttft_p99_ms\x18\t \x01(\x01\x12\x13\n\x0btpot_p50_ms\x18\n \x01(\x01\x12\x13\n\x0btpot_p99_ms\x18\x0b \x01(\x01\x12\x14\n\x0ckv_cache_use\x18\x0c \x01(\x01\x12\x36\n\rexpert_tokens\x18\r \x03(\x0b\x32\x1f.wattplane.v1.ExpertLayerTokens\x12\x1d\n\x10prefill_fraction\x18\x0e \x01(\x01H\x00\x88\x01\x01\x42\x13\n\x11_prefill_fraction\"\x94\x02\n\nNodeReport\x12\x14\n\x0csent_unix_ns\x18\x01 \x01(\x06\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x17\n\x0fsampled_unix_ns\x18\x03 \x01(\x06\x12%\n\x04gpus\x18\x04 \x03(\x0b\x32\x17.wattplane.v1.GPUSample\x12-\n\x08replicas\x18\x05 \x03(\x0b\x32\x1b.wattplane.v1.ReplicaSample\x12\x14\n\x0cnode_power_w\x18\x06 \x01(\x01\x12\x14\n\x0cguard_active\x18\x07 \x01(\x08\x12\x17\n\x0f\x66\x61ilsafe_active\x18\x08 \x01(\x08\x12\x14\n\x0cnode_share_w\x18\t \x01(\x01\x12\x19\n\x11observed_budget_w\x18\n \x01(\x01\"t\n\rCommandResult\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.wattplane.v1.CommandStatus\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\tapplied_w\x18\x04 \x03(\x01\"3\n\rSetPowerLimit\x12\x13\n\x0bgpu_indices\x18\x01 \x03(\r\x12\r\n\x05watts\x18\x02 \x01(\x01\">\n\rSetClockLimit\x12\x13\n\x0bgpu_indices\x18\x01 \x03(\r\x12\x18\n\x10max_sm_clock_mhz\x18\x02 \x01(\x01\"\"\n\x0b\x43learLimits\x12\x13\n\x0bgpu_indices\x18\x01 \x03(\r\"$\n\x11SetReportInterval\x12\x0f\n\x07seconds\x18\x01 \x01(\x01\"L\n\x0cSetNodeShare\x12\r\n\x05watts\x18\x01 \x01(\x01\x12\x14\n\x0cpower_domain\x18\x02 \x01(\t\x12\x17\n\x0f\x64omain_budget_w\x18\x03 \x01(\x01\"\xb8\x02\n\x07\x43ommand\x12\n\n\x02id\x18\x01 \x01(\t\x12\x36\n\x0fset_power_limit\x18\x02 \x01(\x0b\x32\x1b.wattplane.v1.SetPowerLimitH\x00\x12\x36\n\x0fset_clock_limit\x18\x03 \x01(\x0b\x32\x1b.wattplane.v1.SetClockLimitH\x00\x12\x31\n\x0c\x63lear_limits\x18\x04 \x01(\x0b\x32\x19.wattplane.v1.ClearLimitsH\x00\x12>\n\x13set_report_interval\x18\x05 \x01(\x0b\x32\x1f.wattplane.v1.SetReportIntervalH\x00\x12\x34\n\x0eset_node_share\x18\x06 \x01(\x0b\x32\x1a.wattplane.v1.SetNodeShareH\x00\x42\x08\n\x06\x61\x63tion\"\x95\x01\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x19\n\x11report_interval_s\x18\x02 \x01(\x01\x12\x14\n\x0cnode_share_w\x18\x03 \x01(\x01\x12\x10\n\x08last_seq\x18\x04 \x01(\x04\x12\x14\n\x0cpower_domain\x18\x05 \x01(\t\x12\x17\n\x0f\x64omain_budget_w\x18\x06 \x01(\x01\"\x9b\x01\n\x0c\x41gentMessage\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.wattplane.v1.NodeHelloH\x00\x12*\n\x06report\x18\x02 \x01(\x0b\x32\x18.wattplane.v1.NodeReportH\x00\x12-\n\x06result\x18\x03 \x01(\x0b\x32\x1b.wattplane.v1.CommandResultH\x00\x42\x06\n\x04\x62ody\"o\n\x11\x43ontrollerMessage\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.wattplane.v1.WelcomeH\x00\x12(\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x15.wattplane.v1.CommandH\x00\x42\x06\n\x04\x62ody*K\n\x0fProtocolVersion\x12 \n\x1cPROTOCOL_VERSION_UNSPECIFIED\x10\x00\x12\x16\n\x12PROTOCOL_VERSION_1\x10\x01*\xa7\x01\n\rCommandStatus\x12\x1e\n\x1a\x43OMMAND_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43OMMAND_STATUS_APPLIED\x10\x01\x12\x1f\n\x1b\x43OMMAND_STATUS_OUT_OF_RANGE\x10\x02\x12\x19\n\x15\x43OMMAND_STATUS_FAILED\x10\x03\x12\x1e\n\x1a\x43OMMAND_STATUS_UNSUPPORTED\x10\x04\x32Z\n\x0c\x41gentService\x12J\n\x07\x43onnect\x12\x1a.wattplane.v1.AgentMessage\x1a\x1f.wattplane.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.wattplane.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROTOCOLVERSION']._serialized_start=2482
-  _globals['_PROTOCOLVERSION']._serialized_end=2557
-  _globals['_COMMANDSTATUS']._serialized_start=2560
-  _globals['_COMMANDSTATUS']._serialized_end=2727
+  _globals['_PROTOCOLVERSION']._serialized_start=2626
+  _globals['_PROTOCOLVERSION']._serialized_end=2701
+  _globals['_COMMANDSTATUS']._serialized_start=2704
+  _globals['_COMMANDSTATUS']._serialized_end=2871
   _globals['_ACCELERATORINFO']._serialized_start=50
   _globals['_ACCELERATORINFO']._serialized_end=276
   _globals['_NODEHELLO']._serialized_start=279
@@ -46,27 +46,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLICASAMPLE']._serialized_start=829
   _globals['_REPLICASAMPLE']._serialized_end=1220
   _globals['_NODEREPORT']._serialized_start=1223
-  _globals['_NODEREPORT']._serialized_end=1450
-  _globals['_COMMANDRESULT']._serialized_start=1452
-  _globals['_COMMANDRESULT']._serialized_end=1568
-  _globals['_SETPOWERLIMIT']._serialized_start=1570
-  _globals['_SETPOWERLIMIT']._serialized_end=1621
-  _globals['_SETCLOCKLIMIT']._serialized_start=1623
-  _globals['_SETCLOCKLIMIT']._serialized_end=1685
-  _globals['_CLEARLIMITS']._serialized_start=1687
-  _globals['_CLEARLIMITS']._serialized_end=1721
-  _globals['_SETREPORTINTERVAL']._serialized_start=1723
-  _globals['_SETREPORTINTERVAL']._serialized_end=1759
-  _globals['_SETNODESHARE']._serialized_start=1761
-  _globals['_SETNODESHARE']._serialized_end=1790
-  _globals['_COMMAND']._serialized_start=1793
-  _globals['_COMMAND']._serialized_end=2105
-  _globals['_WELCOME']._serialized_start=2107
-  _globals['_WELCOME']._serialized_end=2209
-  _globals['_AGENTMESSAGE']._serialized_start=2212
-  _globals['_AGENTMESSAGE']._serialized_end=2367
-  _globals['_CONTROLLERMESSAGE']._serialized_start=2369
-  _globals['_CONTROLLERMESSAGE']._serialized_end=2480
-  _globals['_AGENTSERVICE']._serialized_start=2729
-  _globals['_AGENTSERVICE']._serialized_end=2819
+  _globals['_NODEREPORT']._serialized_end=1499
+  _globals['_COMMANDRESULT']._serialized_start=1501
+  _globals['_COMMANDRESULT']._serialized_end=1617
+  _globals['_SETPOWERLIMIT']._serialized_start=1619
+  _globals['_SETPOWERLIMIT']._serialized_end=1670
+  _globals['_SETCLOCKLIMIT']._serialized_start=1672
+  _globals['_SETCLOCKLIMIT']._serialized_end=1734
+  _globals['_CLEARLIMITS']._serialized_start=1736
+  _globals['_CLEARLIMITS']._serialized_end=1770
+  _globals['_SETREPORTINTERVAL']._serialized_start=1772
+  _globals['_SETREPORTINTERVAL']._serialized_end=1808
+  _globals['_SETNODESHARE']._serialized_start=1810
+  _globals['_SETNODESHARE']._serialized_end=1886
+  _globals['_COMMAND']._serialized_start=1889
+  _globals['_COMMAND']._serialized_end=2201
+  _globals['_WELCOME']._serialized_start=2204
+  _globals['_WELCOME']._serialized_end=2353
+  _globals['_AGENTMESSAGE']._serialized_start=2356
+  _globals['_AGENTMESSAGE']._serialized_end=2511
+  _globals['_CONTROLLERMESSAGE']._serialized_start=2513
+  _globals['_CONTROLLERMESSAGE']._serialized_end=2624
+  _globals['_AGENTSERVICE']._serialized_start=2873
+  _globals['_AGENTSERVICE']._serialized_end=2963
 # @@protoc_insertion_point(module_scope)

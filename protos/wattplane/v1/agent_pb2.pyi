@@ -345,6 +345,8 @@ class NodeReport(_message.Message):
     NODE_POWER_W_FIELD_NUMBER: _builtins.int
     GUARD_ACTIVE_FIELD_NUMBER: _builtins.int
     FAILSAFE_ACTIVE_FIELD_NUMBER: _builtins.int
+    NODE_SHARE_W_FIELD_NUMBER: _builtins.int
+    OBSERVED_BUDGET_W_FIELD_NUMBER: _builtins.int
     sent_unix_ns: _builtins.int
     """when the agent sent (or scheduled) this report"""
     seq: _builtins.int
@@ -357,6 +359,12 @@ class NodeReport(_message.Message):
     """the local power guard is capping the node"""
     failsafe_active: _builtins.bool
     """the controller was unreachable past the fail-safe timeout"""
+    node_share_w: _builtins.float
+    """The share the local guard enforces now: the controller's share, scaled down by the agent when
+    the domain budget it reads from the API server is below the budget that share was computed from.
+    """
+    observed_budget_w: _builtins.float
+    """the domain budget the agent last read from the API server; 0: not watching"""
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GPUSample]: ...
     @_builtins.property
@@ -372,10 +380,12 @@ class NodeReport(_message.Message):
         node_power_w: _builtins.float = ...,
         guard_active: _builtins.bool = ...,
         failsafe_active: _builtins.bool = ...,
+        node_share_w: _builtins.float = ...,
+        observed_budget_w: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failsafe_active", b"failsafe_active", "gpus", b"gpus", "guard_active", b"guard_active", "node_power_w", b"node_power_w", "replicas", b"replicas", "sampled_unix_ns", b"sampled_unix_ns", "sent_unix_ns", b"sent_unix_ns", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failsafe_active", b"failsafe_active", "gpus", b"gpus", "guard_active", b"guard_active", "node_power_w", b"node_power_w", "node_share_w", b"node_share_w", "observed_budget_w", b"observed_budget_w", "replicas", b"replicas", "sampled_unix_ns", b"sampled_unix_ns", "sent_unix_ns", b"sent_unix_ns", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -501,21 +511,32 @@ Global___SetReportInterval: _TypeAlias = SetReportInterval  # noqa: Y015
 
 @_typing.final
 class SetNodeShare(_message.Message):
-    """The node's share of its power domain budget, which the agent-local guard enforces."""
+    """The node's share of its power domain budget, which the agent-local guard enforces.
+    It names the domain and the budget it was computed from, so an agent that reads a lower budget
+    for that domain from the API server scales it down itself, controller or not.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     WATTS_FIELD_NUMBER: _builtins.int
+    POWER_DOMAIN_FIELD_NUMBER: _builtins.int
+    DOMAIN_BUDGET_W_FIELD_NUMBER: _builtins.int
     watts: _builtins.float
     """0 disables the local guard and fail-safe"""
+    power_domain: _builtins.str
+    """the PowerDomain the share is of ("": not said, no local scaling)"""
+    domain_budget_w: _builtins.float
+    """that domain's budget when the share was computed (0: not said)"""
     def __init__(
         self,
         *,
         watts: _builtins.float = ...,
+        power_domain: _builtins.str = ...,
+        domain_budget_w: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["watts", b"watts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain_budget_w", b"domain_budget_w", "power_domain", b"power_domain", "watts", b"watts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -570,6 +591,8 @@ class Welcome(_message.Message):
     REPORT_INTERVAL_S_FIELD_NUMBER: _builtins.int
     NODE_SHARE_W_FIELD_NUMBER: _builtins.int
     LAST_SEQ_FIELD_NUMBER: _builtins.int
+    POWER_DOMAIN_FIELD_NUMBER: _builtins.int
+    DOMAIN_BUDGET_W_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     report_interval_s: _builtins.float
     node_share_w: _builtins.float
@@ -578,6 +601,10 @@ class Welcome(_message.Message):
     """Highest report seq the hub stored from this agent instance (0: none). The agent re-sends only
     the reports it wrote after that one, so buffered reports arrive once after a reconnect.
     """
+    power_domain: _builtins.str
+    """the domain node_share_w is of, as in SetNodeShare"""
+    domain_budget_w: _builtins.float
+    """the budget node_share_w was computed from, as in SetNodeShare"""
     def __init__(
         self,
         *,
@@ -585,10 +612,12 @@ class Welcome(_message.Message):
         report_interval_s: _builtins.float = ...,
         node_share_w: _builtins.float = ...,
         last_seq: _builtins.int = ...,
+        power_domain: _builtins.str = ...,
+        domain_budget_w: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_seq", b"last_seq", "node_share_w", b"node_share_w", "protocol_version", b"protocol_version", "report_interval_s", b"report_interval_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain_budget_w", b"domain_budget_w", "last_seq", b"last_seq", "node_share_w", b"node_share_w", "power_domain", b"power_domain", "protocol_version", b"protocol_version", "report_interval_s", b"report_interval_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,109 @@
+"""A PowerDomain budget lowered while the controller is down reaches the agents' guards.
+
+The fleet of ``tests/controller/test_power_cluster.py``: two kwok nodes x 8 simulated H100s in a
+PowerDomain, real agents streaming to the controller process's hub. The controller hands each node
+its share (with the domain and budget it was computed from), then stops. An operator cuts the
+budget on the API server; the agents, following their PowerDomain with their own list+watch, scale
+their shares down and their guards cap the nodes under them, no controller involved. Before the
+agents watched their domain the shares stayed those of the old budget and the nodes kept drawing.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agents.agent import Agent, AgentConfig
+from agents.sources.simulated import SimulatedSource, constant_load
+from controller.kube import Kube
+from policies.power_model import gpu_power_w
+from tests.controller import test_power_cluster as power_cluster
+from tests.controller.cluster_helpers import ControllerProcess, pool_body, wait_for
+from tests.controller.test_power_cluster import DECODE, PREFILL, AgentThread, _agent_token, _hub_port
+from wattplane.testcluster import TestCluster
+
+pytestmark = pytest.mark.cluster
+power_on = power_cluster.power_on
+start_agents = power_cluster.start_agents
+GPUS = 8
+BUDGET_W = 20_000
+CUT_TO = 0.7  # the cut leaves each node's scaled share at 70% of its draw (well above 8 x 200 W minimum)
+CAP_WITHIN_S = 5.0  # the guard acts within 0.25 s of the new share; the rest is the watch event's way
+
+
+def _draw(agents: dict[str, Agent]) -> dict[str, float]:
+    """Each node's GPU draw at the limits its devices hold (the simulated devices' own power model)."""
+    out = {}
+    for n, a in agents.items():
+        src = a.source
+        assert isinstance(src, SimulatedSource)
+        out[n] = sum(gpu_power_w(src.spec, PREFILL, DECODE, src._limits[i]) for i in range(GPUS))
+    return out
+
+
+def test_budget_cut_while_the_controller_is_down_caps_the_nodes(
+        test_cluster: TestCluster, kube: Kube, power_on: None, start_agents: Callable[..., AgentThread],
+        tmp_path: Path) -> None:
+    uid = uuid.uuid4().hex[:6]
+    pool, row = f"bc-{uid}", f"brow-{uid}"
+    kube.create("AcceleratorPool", pool_body(pool, GPUS))
+    nodes = test_cluster.add_gpu_nodes(pool, 2, gpus=GPUS, labels={"wattplane.io/row": row})
+    kube.create("PowerDomain", {"apiVersion": "wattplane.io/v1alpha1", "kind": "PowerDomain",
+                                "metadata": {"name": row},
+                                "spec": {"budgetW": BUDGET_W, "safetyMargin": 0.02,
+                                         "nodeSelector": {"wattplane.io/row": row}}})
+    proc = ControllerProcess(test_cluster.kubeconfig, tmp_path, f"bcut-{uid}", f"bc-{uid}", resync_s=30.0)
+    try:
+        token = _agent_token(test_cluster)
+        port = _hub_port(proc)
+        sources = {n: SimulatedSource(gpus=GPUS, load=constant_load(PREFILL, DECODE), node_name=n) for n in nodes}
+        agents = {n: Agent(AgentConfig(node_name=n, target=f"127.0.0.1:{port}", token=token, watch_budget=True,
+                                       kubeconfig=test_cluster.kubeconfig), s)
+                  for n, s in sources.items()}
+        start_agents(list(agents.values()))
+
+        # 1. the controller hands out shares with their basis; each agent reads the same budget itself
+        def shared() -> bool:
+            return all(a.share_w > 0 and a.share_domain == row and a.share_budget_w == BUDGET_W
+                       and a.observed_budget_w == BUDGET_W for a in agents.values())
+
+        wait_for(shared, 60, 0.25, what=f"shares of {row}'s {BUDGET_W} W at both agents, and the budget read")
+        shares = {n: a.share_w for n, a in agents.items()}
+        draw = _draw(agents)
+        assert all(draw[n] < shares[n] for n in nodes) and not any(a.guard.active for a in agents.values())
+
+        # 2. the controller goes away
+        proc.terminate()
+        wait_for(lambda: not any(a.connected for a in agents.values()), 30, 0.1, what="agents disconnected")
+        assert all(a.share_w == shares[n] for n, a in agents.items())  # nobody sent anything since
+
+        # 3. the operator cuts the budget: each node's scaled share falls to CUT_TO of its draw
+        low = round(CUT_TO * BUDGET_W * min(draw[n] / shares[n] for n in nodes))
+        scaled = {n: shares[n] * low / BUDGET_W for n in nodes}
+        assert all(scaled[n] < draw[n] for n in nodes)  # so the old shares would leave the nodes uncapped
+        t_cut = time.monotonic()
+        kube.patch("PowerDomain", row, {"spec": {"budgetW": low}})
+
+        def under() -> dict[str, float] | None:
+            now = _draw(agents)
+            return now if all(now[n] <= scaled[n] for n in nodes) else None
+
+        capped = wait_for(under, CAP_WITHIN_S, 0.02, what=f"both nodes under their shares scaled to {low} W")
+        took_s = time.monotonic() - t_cut
+        assert not any(a.connected for a in agents.values())
+        for n, a in agents.items():
+            assert a.guard.config.share_w == pytest.approx(scaled[n]) and a.guard.active and a.budget_cuts == 1
+            assert a.observed_budget_w == low
+        assert sum(capped.values()) <= low  # the scaled shares fit the new budget together
+        print(f"\nbudget cut with the controller down: {BUDGET_W} -> {low} W; shares "
+              f"{', '.join(f'{shares[n]:.0f} -> {scaled[n]:.0f} W' for n in nodes)}; node draws "
+              f"{', '.join(f'{draw[n]:.0f} -> {capped[n]:.0f} W' for n in nodes)}; under the scaled shares "
+              f"{took_s:.2f} s after the edit")
+    finally:
+        proc.terminate()
+        kube.delete("PowerDomain", row)
+        kube.delete("AcceleratorPool", pool)
