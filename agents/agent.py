@@ -12,8 +12,9 @@ buffer and is lost with it), earlier ones dropped, so each report reaches the hu
 
 The guard's share is the controller's, unless the agent reads (``watch_budget``: its own list+watch
 of its PowerDomain on the API server, ``agents/budget.py``) a domain budget below the one that share
-was computed from: then the share is scaled down at once, connected or not. Never up: only a
-controller can hand out a larger budget, knowing the other nodes.
+was computed from: then the share is scaled down, at once without a controller, after
+``guard.cut_grace_s`` with one (it caps by priority first). Never up: only a controller can hand
+out a larger budget, knowing the other nodes.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ class Agent:
         self.share_budget_w = 0.0  # 0: not said (a static share, or an older controller): never scaled
         self.observed_budget_w: float | None = None  # share_domain's budget as last read from the API server
         self.budget_cuts = 0  # times a budget read lowered the share in force
+        self._cut_seen_at: float | None = None  # when the budget read first fell below the share's basis
+        self._cut_in_force = False  # the scaled share is what the guard enforces
         self.budget_watch: BudgetWatch | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -189,6 +192,7 @@ class Agent:
             await asyncio.sleep(self.config.guard.period_s)
 
     def guard_step(self) -> None:
+        self._update_share()  # a budget cut's grace may have run out, or the controller gone
         samples = self.source.sample()
         self._last_samples = samples
         changed = self.guard.failsafe(None if self.connected else self.controller_lost_for())
@@ -312,19 +316,47 @@ class Agent:
             self._loop.call_soon_threadsafe(self.on_budget, domain, budget_w)
 
     def _apply_share(self) -> None:
-        """Put min(controller's share, share scaled to the budget read) in force; a cut acts at once."""
-        share = scaled_share(self.share_w, self.share_budget_w, self.observed_budget_w)
+        """Put the share in force, and guard at once when it fell."""
+        if self._update_share():
+            self._guard_now()
+
+    def _update_share(self) -> bool:
+        """Set the guard's share: the controller's, or scaled to a lower budget read since it was computed.
+
+        Without a controller the scaled share applies at once. A connected controller gets
+        ``cut_grace_s`` to act on the cut first: over budget it keeps the old shares on purpose and
+        caps by priority, then hands out shares of the new budget (which end the cut here); a guard
+        holding every node to its scaled share at once would take that choice from it for good (the
+        domain would read under budget, held by the guards). Past the grace, or once the stream
+        drops, the scaled share applies. True when the share in force fell."""
+        scaled = scaled_share(self.share_w, self.share_budget_w, self.observed_budget_w)
+        share = self.share_w
+        if scaled < self.share_w:
+            now = self._clock()
+            if self._cut_seen_at is None:
+                self._cut_seen_at = now
+                if self.connected:
+                    log.info("PowerDomain %s budget cut to %.0f W (shares are of %.0f W): the controller has "
+                             "%.0f s to act on it", self.share_domain, self.observed_budget_w or 0.0,
+                             self.share_budget_w, self.config.guard.cut_grace_s)
+            if self._cut_in_force or not self.connected or now - self._cut_seen_at >= self.config.guard.cut_grace_s:
+                share = scaled
+                self._cut_in_force = True  # stays until a share of a budget this low, or the budget back up
+        else:
+            self._cut_seen_at = None
+            self._cut_in_force = False
         before = self.guard.config.share_w
         self.guard.config.share_w = share
-        if share < before - 0.5:
-            if share < self.share_w:
-                self.budget_cuts += 1
-                log.warning(
-                    "PowerDomain %s budget cut to %.0f W (the share was computed from %.0f W): node share "
-                    "%.0f W -> %.0f W, without waiting for the controller",
-                    self.share_domain, self.observed_budget_w or 0.0, self.share_budget_w, self.share_w, share,
-                )
-            self._guard_now()
+        if share >= before - 0.5:
+            return False
+        if share < self.share_w:
+            self.budget_cuts += 1
+            log.warning(
+                "PowerDomain %s budget cut to %.0f W (the share was computed from %.0f W): node share "
+                "%.0f W -> %.0f W, %s", self.share_domain, self.observed_budget_w or 0.0, self.share_budget_w,
+                self.share_w, share, "the controller did not act in time" if self.connected else "no controller",
+            )
+        return True
 
     def _guard_now(self) -> None:
         """Run a guard step now rather than at the next period (the share just fell)."""

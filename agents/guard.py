@@ -32,6 +32,7 @@ class GuardConfig:
     hold_s: float = 5.0  # ... for this long
     period_s: float = 0.25
     failsafe_after_s: float = 10.0
+    cut_grace_s: float = 10.0  # a connected controller's time to act on a budget cut before the agent scales
 
 
 class PowerGuard:

@@ -52,6 +52,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--kubeconfig", type=Path, default=None, help="for --watch-budget (default: the in-cluster ServiceAccount)"
     )
     parser.add_argument(
+        "--cut-grace", type=float, default=10.0,
+        help="seconds a connected controller has to act on a budget cut before the agent scales its share itself",
+    )
+    parser.add_argument(
         "--failsafe-after", type=float, default=10.0, help="seconds without a controller before fail-safe"
     )
     parser.add_argument(
@@ -113,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         tls_ca=args.tls_ca,
         report_interval_s=args.report_interval,
         power_domain=args.power_domain,
-        guard=GuardConfig(share_w=args.node_share_w, failsafe_after_s=args.failsafe_after),
+        guard=GuardConfig(share_w=args.node_share_w, failsafe_after_s=args.failsafe_after, cut_grace_s=args.cut_grace),
         watch_budget=args.watch_budget,
         kubeconfig=args.kubeconfig,
     )

@@ -34,10 +34,19 @@ def node_power(source: SimulatedSource) -> float:
     return sum(s.power_w for s in source.sample())
 
 
-def make_agent(load: tuple[float, float] = (0.1, 0.6), **guard: float) -> tuple[Agent, SimulatedSource]:
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_agent(load: tuple[float, float] = (0.1, 0.6), clock: Clock | None = None,
+               **guard: float) -> tuple[Agent, SimulatedSource]:
     source = SimulatedSource(gpus=8, load=constant_load(*load))
     config = AgentConfig(node_name="n", target=f"127.0.0.1:{closed_port()}", guard=GuardConfig(**guard))
-    return Agent(config, source), source
+    return Agent(config, source, clock=clock or Clock()), source
 
 
 def share_command(watts: float, domain: str = "row", budget_w: float = 20_000.0) -> pb.Command:
@@ -102,8 +111,49 @@ def test_a_fresh_controller_share_replaces_the_scaled_one_but_a_stale_one_stays_
     assert agent.guard.config.share_w == 3100.0
 
 
+def test_a_connected_controller_gets_the_grace_to_act_on_a_cut_first() -> None:
+    """Over budget the controller keeps the old shares and caps by priority; the agent's scaled share
+    waits ``cut_grace_s`` for it (or for the stream to drop), and a share of the new budget ends the cut."""
+    clock = Clock()
+    agent, source = make_agent(clock=clock, cut_grace_s=10.0)
+    agent._on_welcome(pb.Welcome(node_share_w=5600.0, power_domain="row", domain_budget_w=20_000.0))
+    assert agent.connected and (agent.share_domain, agent.share_budget_w) == ("row", 20_000.0)
+    agent.on_budget("row", 10_000.0)
+    assert agent.guard.config.share_w == 5600.0 and agent.budget_cuts == 0  # the controller's move first
+    clock.now += 9.0
+    agent.guard_step()
+    assert agent.guard.config.share_w == 5600.0 and not agent.guard.active
+    clock.now += 1.0  # the grace is over and no share of the new budget came: the agent acts
+    agent.guard_step()
+    assert agent.guard.config.share_w == pytest.approx(2800.0) and agent.guard.active and agent.budget_cuts == 1
+    assert node_power(source) <= 2800.0
+
+    # another cut, and this time the controller hands out shares of the new budget within the grace
+    fresh, _ = make_agent(clock=clock, cut_grace_s=10.0)
+    fresh._on_welcome(pb.Welcome(node_share_w=5600.0, power_domain="row", domain_budget_w=20_000.0))
+    fresh.on_budget("row", 10_000.0)
+    clock.now += 3.0
+    fresh.applier.apply(share_command(4700.0, budget_w=10_000.0))
+    clock.now += 30.0
+    fresh.guard_step()
+    assert fresh.guard.config.share_w == 4700.0 and fresh.budget_cuts == 0
+
+
+def test_a_cut_in_force_stays_when_the_controller_comes_back() -> None:
+    """Applied without a controller, the scaled share is not lifted by a reconnect's grace."""
+    clock = Clock()
+    agent, _ = make_agent(clock=clock, cut_grace_s=10.0)
+    agent.applier.apply(share_command(5600.0))
+    agent.on_budget("row", 10_000.0)
+    assert agent.guard.config.share_w == pytest.approx(2800.0)
+    clock.now += 1.0
+    agent._on_welcome(pb.Welcome(node_share_w=5600.0, power_domain="row", domain_budget_w=20_000.0))
+    agent.guard_step()
+    assert agent.guard.config.share_w == pytest.approx(2800.0) and agent.budget_cuts == 1
+
+
 def test_welcome_carries_the_basis_and_another_domain_forgets_the_old_budget() -> None:
-    agent, _ = make_agent()
+    agent, _ = make_agent(cut_grace_s=0.0)
     agent._on_welcome(pb.Welcome(node_share_w=4000.0, power_domain="row", domain_budget_w=16_000.0))
     agent.on_budget("row", 8_000.0)
     assert agent.guard.config.share_w == pytest.approx(2000.0)

@@ -1,11 +1,12 @@
 """A PowerDomain budget lowered while the controller is down reaches the agents' guards.
 
 The fleet of ``tests/controller/test_power_cluster.py``: two kwok nodes x 8 simulated H100s in a
-PowerDomain, real agents streaming to the controller process's hub. The controller hands each node
-its share (with the domain and budget it was computed from), then stops. An operator cuts the
-budget on the API server; the agents, following their PowerDomain with their own list+watch, scale
-their shares down and their guards cap the nodes under them, no controller involved. Before the
-agents watched their domain the shares stayed those of the old budget and the nodes kept drawing.
+PowerDomain, real agents streaming to the controller process's hub, each agent following its
+PowerDomain with its own list+watch. First a cut with the controller up: it caps by priority and
+hands out shares of the new budget within the agents' grace, so no guard takes over. Then the
+controller stops and an operator cuts the budget again: the agents scale their shares down and
+their guards cap the nodes under them, no controller involved. Before the agents watched their
+domain the shares stayed those of the old budget and the nodes kept drawing.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ GPUS = 8
 BUDGET_W = 20_000
 CUT_TO = 0.7  # the cut leaves each node's scaled share at 70% of its draw (well above 8 x 200 W minimum)
 CAP_WITHIN_S = 5.0  # the guard acts within 0.25 s of the new share; the rest is the watch event's way
+GRACE_S = AgentConfig(node_name="", target="").guard.cut_grace_s  # a connected controller's time to act
 
 
 def _draw(agents: dict[str, Agent]) -> dict[str, float]:
@@ -67,24 +69,34 @@ def test_budget_cut_while_the_controller_is_down_caps_the_nodes(
         start_agents(list(agents.values()))
 
         # 1. the controller hands out shares with their basis; each agent reads the same budget itself
-        def shared() -> bool:
-            return all(a.share_w > 0 and a.share_domain == row and a.share_budget_w == BUDGET_W
-                       and a.observed_budget_w == BUDGET_W for a in agents.values())
+        def shared(budget: float) -> bool:
+            return all(a.share_w > 0 and a.share_domain == row and a.share_budget_w == budget
+                       and a.observed_budget_w == budget for a in agents.values())
 
-        wait_for(shared, 60, 0.25, what=f"shares of {row}'s {BUDGET_W} W at both agents, and the budget read")
+        wait_for(lambda: shared(BUDGET_W), 60, 0.25, what=f"shares of {row}'s {BUDGET_W} W at both agents")
+        expected = sum(_draw(agents).values())
+
+        # 2. a cut with the controller up: its priority-aware caps and shares of the new budget come
+        # within the agents' grace, so no guard takes over (they would hold the domain for good)
+        first = round(0.85 * expected)
+        t_first = time.monotonic()
+        kube.patch("PowerDomain", row, {"spec": {"budgetW": first}})
+        wait_for(lambda: shared(first) and sum(_draw(agents).values()) <= first, GRACE_S, 0.1,
+                 what=f"the controller's caps and shares of the {first} W budget within the agents' grace")
+        rebased_s = time.monotonic() - t_first
+        assert all(a.budget_cuts == 0 and not a.guard.active for a in agents.values())
         shares = {n: a.share_w for n, a in agents.items()}
         draw = _draw(agents)
-        assert all(draw[n] < shares[n] for n in nodes) and not any(a.guard.active for a in agents.values())
 
-        # 2. the controller goes away
+        # 3. the controller goes away
         proc.terminate()
         wait_for(lambda: not any(a.connected for a in agents.values()), 30, 0.1, what="agents disconnected")
         assert all(a.share_w == shares[n] for n, a in agents.items())  # nobody sent anything since
 
-        # 3. the operator cuts the budget: each node's scaled share falls to CUT_TO of its draw
-        low = round(CUT_TO * BUDGET_W * min(draw[n] / shares[n] for n in nodes))
-        scaled = {n: shares[n] * low / BUDGET_W for n in nodes}
-        assert all(scaled[n] < draw[n] for n in nodes)  # so the old shares would leave the nodes uncapped
+        # 4. the operator cuts the budget again: each node's scaled share falls to CUT_TO of its draw
+        low = round(CUT_TO * first * min(draw[n] / shares[n] for n in nodes))
+        scaled = {n: shares[n] * low / first for n in nodes}
+        assert all(scaled[n] < draw[n] for n in nodes)  # so the old shares would leave the nodes as they are
         t_cut = time.monotonic()
         kube.patch("PowerDomain", row, {"spec": {"budgetW": low}})
 
@@ -99,9 +111,11 @@ def test_budget_cut_while_the_controller_is_down_caps_the_nodes(
             assert a.guard.config.share_w == pytest.approx(scaled[n]) and a.guard.active and a.budget_cuts == 1
             assert a.observed_budget_w == low
         assert sum(capped.values()) <= low  # the scaled shares fit the new budget together
-        print(f"\nbudget cut with the controller down: {BUDGET_W} -> {low} W; shares "
+        print(f"\nbudget cut with the controller up: {BUDGET_W} -> {first} W under a {expected:.0f} W draw, its caps "
+              f"and shares of the new budget {rebased_s:.2f} s after the edit, no guard engaged; controller "
+              f"stopped, cut {first} -> {low} W: shares "
               f"{', '.join(f'{shares[n]:.0f} -> {scaled[n]:.0f} W' for n in nodes)}; node draws "
-              f"{', '.join(f'{draw[n]:.0f} -> {capped[n]:.0f} W' for n in nodes)}; under the scaled shares "
+              f"{', '.join(f'{draw[n]:.0f} -> {capped[n]:.0f} W' for n in nodes)}, under the scaled shares "
               f"{took_s:.2f} s after the edit")
     finally:
         proc.terminate()
