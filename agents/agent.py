@@ -29,15 +29,18 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
-from agents.budget import BudgetWatch, api_client
 from agents.guard import GuardConfig, PowerGuard, scaled_share
 from agents.limits import CommandApplier, Limits
 from agents.scraper import EngineScraper
 from agents.sources import DeviceSample, GPUSource, SourceError
 from protos.wattplane.v1 import agent_pb2 as pb
+
+if TYPE_CHECKING:
+    from agents.budget import BudgetWatch
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +125,8 @@ class Agent:
         self.limits.sync()
         self._loop = asyncio.get_running_loop()
         if self.config.watch_budget and self.budget_watch is None:
+            from agents.budget import BudgetWatch, api_client  # the kubernetes client only when watching
+
             kubeconfig = str(self.config.kubeconfig) if self.config.kubeconfig is not None else None
             self.budget_watch = BudgetWatch(lambda: api_client(kubeconfig), self._budget_from_thread)
         if self.budget_watch is not None:

@@ -10,7 +10,10 @@ import asyncio
 import functools
 import itertools
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from kubernetes.client import ApiClient
@@ -252,3 +255,30 @@ def test_budget_watch_retries_with_backoff_and_stops_promptly() -> None:
     # 0.05, 0.1, 0.2, 0.2, ... s apart (half of it jitter): a handful of tries a second, not thousands
     assert 3 <= len(calls) <= 15 and watch.errors == len(calls)
     assert all(b - a >= 0.02 for a, b in itertools.pairwise(calls))
+
+
+def test_the_agent_runs_without_the_kubernetes_client_when_not_watching() -> None:
+    """The watch is optional: without ``--watch-budget`` the agent must not need the kubernetes package."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'kubernetes' or name.startswith('kubernetes.'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import asyncio, agents.main\n"
+        "from agents.agent import Agent, AgentConfig\n"
+        "from agents.sources.simulated import SimulatedSource\n"
+        "agent = Agent(AgentConfig(node_name='n', target='127.0.0.1:1'), SimulatedSource(gpus=2))\n"
+        "async def main():\n"
+        "    task = asyncio.create_task(agent.run())\n"
+        "    await asyncio.sleep(0.2)\n"
+        "    agent.stop()\n"
+        "    await task\n"
+        "asyncio.run(main())\n"
+        "print('kubernetes' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
