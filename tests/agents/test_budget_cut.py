@@ -141,6 +141,17 @@ def test_a_connected_controller_gets_the_grace_to_act_on_a_cut_first() -> None:
     fresh.guard_step()
     assert fresh.guard.config.share_w == 4700.0 and fresh.budget_cuts == 0
 
+    # a cut within the grace, and then the stream drops: the agent acts at its next guard step
+    lost, _ = make_agent(clock=clock, cut_grace_s=10.0)
+    lost._on_welcome(pb.Welcome(node_share_w=5600.0, power_domain="row", domain_budget_w=20_000.0))
+    lost.on_budget("row", 10_000.0)
+    clock.now += 1.0
+    lost.guard_step()
+    assert lost.guard.config.share_w == 5600.0
+    lost.connected = False
+    lost.guard_step()
+    assert lost.guard.config.share_w == pytest.approx(2800.0) and lost.budget_cuts == 1
+
 
 def test_a_cut_in_force_stays_when_the_controller_comes_back() -> None:
     """Applied without a controller, the scaled share is not lifted by a reconnect's grace."""
