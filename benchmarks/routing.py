@@ -6,8 +6,9 @@ questions; with ``--seed N != 0`` it is retrained on that seed's training half f
 held-out half, against ``random`` (uniform scores, seeded) and ``subject_prior`` (each question
 scored by its MMLU subject's strong-minus-weak gap on the training half). With ``--embedding``, ``wattplane_embedding``
 is the heavier scorer: the same n-gram weights plus an embedding head (all-MiniLM-L6-v2 run in numpy;
-ridge + nearest neighbours, chosen by cross-validation inside the training half). ``routellm`` carries
-RouteLLM's *published* figures for its best MMLU router (paper, Table: MMLU; not re-run here:
+ridge + nearest neighbours on the prompt's embedding and the similarity of its answer options, stacked
+with the n-gram score by a final linear layer fitted on out-of-fold values inside the training half).
+``routellm`` carries RouteLLM's *published* figures for its best MMLU router (paper, Table: MMLU; not re-run here:
 its routers need model downloads), tagged ``published: 1``.
 
 Capacity cases ``azure-conv-*``: arrivals and token counts of the Azure LLM conversation trace
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> list[Case]:
         head = provenance["embedding"]
         assert isinstance(head, dict)
         cases[0].methods["wattplane_embedding"] = {k: v for k, v in head["held_out"].items() if k in keep}
-        cases[0].params["embedding_head"] = {k: head[k] for k in ("ridge_lambda", "neighbours", "blend")}
+        cases[0].params["embedding_head"] = {k: head[k] for k in ("ridge_lambda", "neighbours", "terms")}
     trace = load_azure_trace(args.trace or data_file("azure-llm-2023/AzureLLMInferenceTrace_conv.csv", args.data_dir))
     if args.quick:
         trace = trace[::4]  # the whole hour's shape (load is rescaled below), a quarter of the requests

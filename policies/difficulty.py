@@ -19,11 +19,12 @@ import math
 import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
 
+from policies.prompt_choices import SIMILARITY_FEATURES, choice_overlap, choice_similarity, split_choices
 from policies.snapshot import Frozen, PosInt
 from policies.text_encoder import SentenceEncoder
 
@@ -52,29 +53,48 @@ class CalibrationBin(Frozen):
     quality_small: float = Field(ge=0, le=1)
 
 
-class EmbeddingHead(Frozen):
-    """The optional heavier half of the scorer: two readings of a sentence embedding of the prompt.
+BlendTermName = Literal[
+    "ngram", "choice_overlap_max", "choice_overlap_mean", "choice_overlap_min",
+    "embedding_ridge", "embedding_knn", "choice_similarity_max", "choice_similarity_mean", "choice_similarity_min",
+]
 
-    ``ridge``: a linear model on the embedding; ``knn``: the mean target of the ``k`` most similar
-    training prompts (cosine in a ``proj``-dimensional PCA of the embeddings, stored at float16).
-    Each part and the n-gram score are z-scored by their out-of-fold mean/std on the training half,
-    then blended as ``z_ngram + blend[0] * z_ridge + blend[1] * z_knn`` (weights chosen by
-    cross-validation inside the training half). Vectors are base64 little-endian float16.
+
+class BlendTerm(Frozen):
+    """One input of the embedding head's final linear layer: ``weight * (x - mean) / std``.
+
+    ``mean``/``std`` are the input's out-of-fold mean and spread on the training half, so the
+    weights are comparable; an input a prompt does not have (no answer options) counts as its mean.
     """
 
+    name: BlendTermName
+    mean: float
+    std: float = Field(gt=0)
+    weight: float
+
+
+class EmbeddingHead(Frozen):
+    """The optional heavier half of the scorer: readings of sentence embeddings, stacked with the n-gram score.
+
+    ``ridge``: a linear model on the prompt's embedding; ``knn``: the mean target of the ``k`` most
+    similar training prompts (cosine in a PCA of the embeddings, stored at float16); the
+    similarities between the prompt's answer options (``policies/prompt_choices.py``). The score is
+    ``bias + sum(term.weight * z(term))`` over ``terms``: a least-squares fit of the target on the
+    terms' out-of-fold values inside the training half (stacking), not a hand-set mix.
+    Vectors are base64 little-endian float16.
+    """
+
+    version: Literal[2] = 2
     encoder: str  # which encoder produced the embeddings (model id @ revision # weights digest)
     dim: PosInt
-    ngram_scale: tuple[float, float]  # (mean, std) of the n-gram score
     ridge_f16: str
     ridge_bias: float = 0.0
-    ridge_scale: tuple[float, float]
     knn_mean_f16: str  # centring vector (dim)
     knn_projection_f16: str  # dim x proj, row-major
     knn_bank_f16: str  # n x proj unit rows: the training prompts
     knn_targets: tuple[int, ...]  # their targets (correct_large - correct_small)
     k: PosInt
-    knn_scale: tuple[float, float]
-    blend: tuple[float, float]
+    terms: tuple[BlendTerm, ...]
+    bias: float = 0.0
 
 
 class RouterWeights(Frozen):
@@ -92,6 +112,10 @@ class RouterWeights(Frozen):
     dense_f16: str = ""
     subject_weights: Mapping[str, float] = Field(default_factory=dict)
     length_weights: Mapping[int, float] = Field(default_factory=dict)  # length bucket -> weight
+    # the light score's final layer: the n-gram score stacked with the answer options' character overlap
+    # (``choice_overlap_*``), fitted like the embedding head's; empty: the score is the n-gram score
+    terms: tuple[BlendTerm, ...] = ()
+    terms_bias: float = 0.0
     calibration: tuple[CalibrationBin, ...] = ()
     embedding: EmbeddingHead | None = None  # set: scores need the prompt's sentence embedding too
     provenance: dict[str, Any] = Field(default_factory=dict)
@@ -115,7 +139,7 @@ def decode_f16(text: str) -> np.ndarray:
 
 
 class EmbeddingScorer:
-    """The embedding head's two parts, decoded once: ``parts(embeddings) -> (ridge, knn)`` raw scores."""
+    """The embedding head, decoded once: its inputs from embeddings, and the stacked score."""
 
     def __init__(self, head: EmbeddingHead) -> None:
         self.head = head
@@ -138,14 +162,72 @@ class EmbeddingScorer:
         nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         return ridge, self.targets[nearest].mean(axis=1)
 
-    def combine(self, ngram: np.ndarray | Sequence[float], embeddings: np.ndarray) -> np.ndarray:
-        """The blended score from the n-gram scores and the embeddings of the same prompts."""
-        h = self.head
+    def combine(self, ngram: np.ndarray | Sequence[float], embeddings: np.ndarray,
+                option_similarity: np.ndarray) -> np.ndarray:
+        """The stacked score from the n-gram scores, the prompts' embeddings and their options'
+        similarities (``n x 3``: max, mean, min; NaN rows for prompts without options)."""
         ridge, knn = self.parts(embeddings)
-        z = [(np.asarray(x, dtype=np.float64) - m) / sd
-             for x, (m, sd) in ((ngram, h.ngram_scale), (ridge, h.ridge_scale), (knn, h.knn_scale))]
-        out: np.ndarray = z[0] + h.blend[0] * z[1] + h.blend[1] * z[2]
-        return out
+        return blend(self.head.terms, self.head.bias, term_inputs(ngram, ridge, knn, option_similarity))
+
+
+def term_inputs(ngram: np.ndarray | Sequence[float], ridge: np.ndarray, knn: np.ndarray,
+                option_similarity: np.ndarray) -> dict[str, np.ndarray]:
+    """Every :class:`BlendTerm` input by name (NaN: the prompt does not have it)."""
+    sims = np.asarray(option_similarity, dtype=np.float64).reshape(-1, len(SIMILARITY_FEATURES))
+    out = {"ngram": np.asarray(ngram, dtype=np.float64), "embedding_ridge": ridge, "embedding_knn": knn}
+    for j, name in enumerate(SIMILARITY_FEATURES):
+        out[f"choice_similarity_{name}"] = sims[:, j]
+    return out
+
+
+def blend(terms: Sequence[BlendTerm], bias: float, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """``bias + sum(weight * z)`` over ``terms``; a missing (NaN) input contributes nothing."""
+    n = len(inputs["ngram"])
+    out = np.full(n, bias)
+    for t in terms:
+        z = (np.asarray(inputs[t.name], dtype=np.float64) - t.mean) / t.std
+        out += t.weight * np.nan_to_num(z, nan=0.0)
+    return out
+
+
+def overlap_inputs(ngram: np.ndarray | Sequence[float], texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """The light layer's inputs: n-gram scores and the options' character overlap (NaN: no options)."""
+    rows = np.full((len(texts), len(SIMILARITY_FEATURES)), np.nan)
+    for i, text in enumerate(texts):
+        parsed = split_choices(text)
+        if parsed is not None:
+            rows[i] = choice_overlap(parsed[1])
+    out = {"ngram": np.asarray(ngram, dtype=np.float64)}
+    for j, name in enumerate(SIMILARITY_FEATURES):
+        out[f"choice_overlap_{name}"] = rows[:, j]
+    return out
+
+
+def option_similarities(encoder: SentenceEncoder, texts: Sequence[str]) -> np.ndarray:
+    """``n x 3`` (max, mean, min) similarity of each prompt's answer options; NaN rows without options.
+
+    The options of all prompts go through the encoder in one batch (they are short).
+    """
+    options = [split_choices(t) for t in texts]
+    flat = [o for parsed in options if parsed is not None for o in parsed[1]]
+    vectors = encoder.embed(flat) if flat else np.zeros((0, encoder.dim))
+    return similarities_from(options, vectors)
+
+
+def similarities_from(options: Sequence[tuple[str, tuple[str, ...]] | None], vectors: np.ndarray) -> np.ndarray:
+    """The similarity rows from option embeddings laid out in order (``vectors``: every option of every
+    prompt that has options, prompt by prompt)."""
+    out = np.full((len(options), len(SIMILARITY_FEATURES)), np.nan)
+    at = 0
+    for i, parsed in enumerate(options):
+        if parsed is None:
+            continue
+        n = len(parsed[1])
+        out[i] = choice_similarity(vectors[at:at + n])
+        at += n
+    if at != len(vectors):
+        raise ValueError(f"{len(vectors)} option embeddings for {at} options")
+    return out
 
 
 def encode_f16(dense: np.ndarray) -> str:
@@ -245,19 +327,28 @@ class Scorer:
 
     def score(self, text: str, subject: str | None = None) -> float:
         if self.embedding is None:  # the router's per-request path: no batch lists
-            return self.ngram_score(text, subject)
+            return self.light_score(text, subject)
         return self.score_batch([text], [subject])[0]
 
     def score_batch(self, texts: Sequence[str], subjects: Sequence[str | None] | None = None) -> list[float]:
         """Scores of many prompts (the encoder, when used, runs once over the batch)."""
         subs: Sequence[str | None] = subjects if subjects is not None else [None] * len(texts)
-        ngram = [self.ngram_score(t, s) for t, s in zip(texts, subs, strict=True)]
         if self.embedding is None or self.encoder is None or not texts:
+            return [self.light_score(t, s) for t, s in zip(texts, subs, strict=True)]
+        ngram = [self.ngram_score(t, s) for t, s in zip(texts, subs, strict=True)]
+        return [float(x) for x in self.embedding.combine(ngram, self.encoder.embed(texts),
+                                                         option_similarities(self.encoder, texts))]
+
+    def light_score(self, text: str, subject: str | None = None) -> float:
+        """The score without an encoder: the n-gram score, stacked with the options' overlap when trained so."""
+        ngram = self.ngram_score(text, subject)
+        w = self.weights
+        if not w.terms:
             return ngram
-        return [float(x) for x in self.embedding.combine(ngram, self.encoder.embed(texts))]
+        return float(blend(w.terms, w.terms_bias, overlap_inputs([ngram], [text]))[0])
 
     def ngram_score(self, text: str, subject: str | None = None) -> float:
-        """The light part alone: hashed n-grams, length and subject."""
+        """The hashed n-gram model alone: n-grams, length and subject."""
         w = self.weights
         toks = tokens(text)
         s = w.bias + sum(v * self.dense[k] for k, v in _word_features(toks, w.buckets - 1, w.ngram).items())
@@ -285,13 +376,24 @@ def score(weights: RouterWeights, text: str, subject: str | None = None) -> floa
     s += weights.length_weights.get(length_bucket(len(tokens(text))), 0.0)
     if subject is not None:
         s += weights.subject_weights.get(subject, 0.0)
+    if weights.terms:
+        return float(blend(weights.terms, weights.terms_bias, overlap_inputs([s], [text]))[0])
     return s
 
 
 def score_many(
     weights: RouterWeights, texts: Sequence[str], subjects: Sequence[str | None] | None = None
 ) -> list[float]:
-    """n-gram scores of many prompts (an embedding head, if any, is not applied: see :class:`Scorer`)."""
+    """Light scores of many prompts (an embedding head, if any, is not applied: see :class:`Scorer`)."""
+    scorer = Scorer(weights.model_copy(update={"embedding": None}))
+    subs: Iterable[str | None] = subjects if subjects is not None else [None] * len(texts)
+    return [scorer.light_score(t, s) for t, s in zip(texts, subs, strict=True)]
+
+
+def ngram_many(
+    weights: RouterWeights, texts: Sequence[str], subjects: Sequence[str | None] | None = None
+) -> list[float]:
+    """The n-gram model's scores alone (the embedding head stacks these, not the light layer's)."""
     scorer = Scorer(weights.model_copy(update={"embedding": None}))
     subs: Iterable[str | None] = subjects if subjects is not None else [None] * len(texts)
     return [scorer.ngram_score(t, s) for t, s in zip(texts, subs, strict=True)]
@@ -303,7 +405,30 @@ def weights_from_json(text: str | bytes) -> RouterWeights:
 
 
 __all__ = [
-    "EMBEDDING_WEIGHTS_RESOURCE", "LENGTH_BUCKETS", "WEIGHTS_PACKAGE", "WEIGHTS_RESOURCE", "CalibrationBin",
-    "EmbeddingHead", "EmbeddingScorer", "RouterWeights", "Scorer", "decode_f16", "encode_f16", "hashed_features",
-    "hashed_vector", "length_bucket", "score", "score_many", "tokens", "weights_from_json",
+    "EMBEDDING_WEIGHTS_RESOURCE",
+    "LENGTH_BUCKETS",
+    "WEIGHTS_PACKAGE",
+    "WEIGHTS_RESOURCE",
+    "BlendTerm",
+    "BlendTermName",
+    "CalibrationBin",
+    "EmbeddingHead",
+    "EmbeddingScorer",
+    "RouterWeights",
+    "Scorer",
+    "blend",
+    "decode_f16",
+    "encode_f16",
+    "hashed_features",
+    "hashed_vector",
+    "length_bucket",
+    "ngram_many",
+    "option_similarities",
+    "overlap_inputs",
+    "score",
+    "score_many",
+    "similarities_from",
+    "term_inputs",
+    "tokens",
+    "weights_from_json",
 ]

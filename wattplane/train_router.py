@@ -9,7 +9,9 @@ Questions (unique prompt texts) are split 50/50 with a fixed seed; the held-out 
 seen by training, the regularisation strength is picked on a further split of the training half
 only. Target: ``correct_large - correct_small`` in {-1, 0, 1}; model: ridge regression over the
 scorer's features (word 1-2-grams, character 3-5-grams, length, subject), solved by conjugate
-gradients on the sparse design (numpy only). The hashed weights are stored as base64 float16
+gradients on the sparse design (numpy only); then a final layer stacks that score with the answer
+options' character overlap (``policies/prompt_choices.py``), fitted by least squares on 5-fold
+out-of-fold n-gram scores of the training half. The hashed weights are stored as base64 float16
 (``RouterWeights.dense_f16``: 186 KB instead of a 1.1 MB JSON mapping, same held-out metrics). The weights
 file records the data files (with SHA-256), seed, split sizes, the chosen penalty and the
 held-out metrics, so the blob can be audited and rebuilt.
@@ -28,7 +30,7 @@ import csv
 import hashlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,16 +38,25 @@ import numpy as np
 
 from policies.difficulty import (
     LENGTH_BUCKETS,
+    BlendTerm,
+    BlendTermName,
     CalibrationBin,
     EmbeddingHead,
     EmbeddingScorer,
     RouterWeights,
+    blend,
     encode_f16,
     hashed_features,
     length_bucket,
+    ngram_many,
+    overlap_inputs,
     score_many,
+    similarities_from,
+    term_inputs,
     tokens,
 )
+from policies.prompt_choices import split_choices
+from policies.text_encoder import SentenceEncoder
 from wattplane.datasets import MissingDataError, data_file
 
 SMALL_MODEL = "mistralai/Mixtral-8x7B-Instruct-v0.1"
@@ -119,7 +130,7 @@ def split_by_question(
 
 # -- RouteLLM's metrics ------------------------------------------------------------------------
 
-def routing_curve(scores: Sequence[float], small: Sequence[float], large: Sequence[float], bins: int = 10
+def routing_curve(scores: Sequence[float] | np.ndarray, small: Sequence[float], large: Sequence[float], bins: int = 10
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(share of large-model calls, accuracy) at RouteLLM's qcut thresholds, sorted by share."""
     s = np.asarray(scores, dtype=float)
@@ -135,7 +146,7 @@ def routing_curve(scores: Sequence[float], small: Sequence[float], large: Sequen
     return np.asarray(shares)[order], np.asarray(accs)[order]
 
 
-def apgr_cpt(scores: Sequence[float], small: Sequence[float], large: Sequence[float]) -> dict[str, float]:
+def apgr_cpt(scores: Sequence[float] | np.ndarray, small: Sequence[float], large: Sequence[float]) -> dict[str, float]:
     shares, accs = routing_curve(scores, small, large)
     weak = float(np.mean(small))
     strong = float(np.mean(large))
@@ -267,21 +278,47 @@ def calibrate(weights: RouterWeights, questions: Sequence[Question], bins: int =
     return tuple(b.model_copy(update={"share": b.share / total}) for b in out)
 
 
-def out_of_fold_scores(questions: Sequence[Question], subjects: Sequence[str], lam: float, seed: int,
-                       use_subject: bool = True) -> list[float]:
-    """2-fold cross-fitted scores: each question scored by a model fitted on the other fold."""
-    a, b = split_by_question(questions, seed, test_fraction=0.5)
-    out = [0.0] * len(questions)
-    for fit_idx, score_idx in ((a, b), (b, a)):
-        w = fit([questions[i] for i in fit_idx], subjects, lam, use_subject)
-        for i, sc in zip(score_idx, score_many(w, [questions[i].prompt for i in score_idx],
-                                                [questions[i].subject if use_subject else None for i in score_idx]),
-                         strict=True):
-            out[i] = sc
+def kfold_by_question(questions: Sequence[Question], seed: int, folds: int) -> list[list[int]]:
+    """``folds`` disjoint index lists; every copy of a prompt text lands in the same fold."""
+    unique = sorted({q.prompt for q in questions})
+    order = np.random.default_rng(seed).permutation(len(unique))
+    fold_of = {unique[j]: rank % folds for rank, j in enumerate(order)}
+    return [[i for i, q in enumerate(questions) if fold_of[q.prompt] == f] for f in range(folds)]
+
+
+def out_of_fold_ngram(questions: Sequence[Question], subjects: Sequence[str], lam: float,
+                      folds: Sequence[Sequence[int]], use_subject: bool = True) -> np.ndarray:
+    """Cross-fitted n-gram scores: each question scored by a model fitted on the other folds."""
+    out = np.zeros(len(questions))
+    for val_idx in folds:
+        held = set(val_idx)
+        w = fit([q for i, q in enumerate(questions) if i not in held], subjects, lam, use_subject)
+        out[list(val_idx)] = ngram_many(w, [questions[i].prompt for i in val_idx],
+                                        [questions[i].subject if use_subject else None for i in val_idx])
     return out
 
 
+def stack(inputs: Mapping[str, np.ndarray], y: np.ndarray, names: Sequence[BlendTermName]
+          ) -> tuple[list[BlendTerm], float]:
+    """A final layer: ridge of ``y`` on the z-scored ``names`` inputs (missing inputs at their mean)."""
+    terms = []
+    columns = []
+    for name in names:
+        x = inputs[name]
+        mean, std = float(np.nanmean(x)), float(np.nanstd(x)) or 1.0
+        columns.append(np.nan_to_num((x - mean) / std, nan=0.0))
+        terms.append(BlendTerm(name=name, mean=mean, std=std, weight=0.0))
+    design = np.column_stack([*columns, np.ones(len(y))])
+    penalty = STACK_PENALTY * np.eye(design.shape[1])
+    penalty[-1, -1] = 0.0  # the bias is not shrunk
+    w = np.linalg.solve(design.T @ design + penalty, design.T @ y)
+    return [t.model_copy(update={"weight": float(wi)}) for t, wi in zip(terms, w[:-1], strict=True)], float(w[-1])
+
+
 LAMBDAS = (1.0, 3.0, 10.0, 30.0)
+CV_FOLDS = 5
+STACK_PENALTY = 1.0  # final layers' ridge penalty on z-scored terms (7,000 rows: barely any shrinkage)
+LIGHT_TERMS: tuple[BlendTermName, ...] = ("ngram", "choice_overlap_max", "choice_overlap_mean", "choice_overlap_min")
 
 
 def train(folder: Path, seed: int, use_subject: bool = True) -> tuple[RouterWeights, dict[str, object]]:
@@ -297,7 +334,11 @@ def train(folder: Path, seed: int, use_subject: bool = True) -> tuple[RouterWeig
         w = fit([train_q[i] for i in inner_fit], subjects, lam, use_subject)
         val_scores[lam] = evaluate(w, [train_q[i] for i in inner_val], use_subject)["apgr"]
     best = max(LAMBDAS, key=lambda lam: val_scores[lam])
-    weights = fit(train_q, subjects, best, use_subject)
+    folds = kfold_by_question(train_q, seed + 1, CV_FOLDS)
+    light = overlap_inputs(out_of_fold_ngram(train_q, subjects, best, folds, use_subject), [q.prompt for q in train_q])
+    terms, terms_bias = stack(light, np.asarray([q.large - q.small for q in train_q]), LIGHT_TERMS)
+    weights = fit(train_q, subjects, best, use_subject).model_copy(update={"terms": tuple(terms),
+                                                                          "terms_bias": terms_bias})
     held_out = evaluate(weights, test_q, use_subject)
     provenance: dict[str, object] = {
         "trainer": "wattplane/train_router.py",
@@ -313,12 +354,14 @@ def train(folder: Path, seed: int, use_subject: bool = True) -> tuple[RouterWeig
         "test_questions": len(test_q),
         "use_subject": use_subject,
         "ridge_lambda": best,
-        "calibration": "10 equal-count bands; accuracies from 2-fold out-of-fold scores on the training half (seed+2)",
+        "light_layer": {"stacked": f"n-gram score + answer options' character-3-gram overlap, least squares on "
+                                   f"{CV_FOLDS}-fold out-of-fold n-gram scores of the training half (seed+1)",
+                        "terms": {t.name: round(t.weight, 4) for t in terms}},
+        "calibration": f"10 equal-count bands; accuracies from the {CV_FOLDS}-fold out-of-fold light scores",
         "validation_apgr": {str(k): round(v, 4) for k, v in val_scores.items()},
         "held_out": {k: round(v, 4) for k, v in held_out.items()},
     }
-    calibration = calibrate(weights, train_q, out_of_fold=out_of_fold_scores(train_q, subjects, best, seed + 2,
-                                                                             use_subject))
+    calibration = calibrate(weights, train_q, out_of_fold=list(blend(terms, terms_bias, light)))
     return weights.model_copy(update={"calibration": calibration, "provenance": provenance}), provenance
 
 
@@ -328,8 +371,10 @@ EMBEDDING_OUT = DEFAULT_OUT.with_name("router_weights_embedding.json")
 EMBEDDING_LAMBDAS = (3.0, 10.0, 30.0)
 NEIGHBOURS = (50, 100, 200)
 PROJECTION_DIMS = 64  # kNN works in a 64-d PCA of the embeddings: a 6x smaller bank, same neighbours
-CV_FOLDS = 5
-BLENDS = tuple((a, b) for a in (0.0, 0.1, 0.2, 0.3, 0.5, 0.7) for b in (0.0, 0.1, 0.2, 0.3, 0.5, 0.7))
+EMBEDDING_TERMS: tuple[BlendTermName, ...] = (
+    "ngram", "embedding_ridge", "embedding_knn",
+    "choice_similarity_max", "choice_similarity_mean", "choice_similarity_min",
+)
 
 
 @dataclass(frozen=True)
@@ -340,14 +385,6 @@ class EmbeddingParts:
     projection: np.ndarray
     bank: np.ndarray  # float16-rounded, as stored
     targets: np.ndarray
-
-
-def kfold_by_question(questions: Sequence[Question], seed: int, folds: int) -> list[list[int]]:
-    """``folds`` disjoint index lists; every copy of a prompt text lands in the same fold."""
-    unique = sorted({q.prompt for q in questions})
-    order = np.random.default_rng(seed).permutation(len(unique))
-    fold_of = {unique[j]: rank % folds for rank, j in enumerate(order)}
-    return [[i for i, q in enumerate(questions) if fold_of[q.prompt] == f] for f in range(folds)]
 
 
 def fit_embedding_parts(emb: np.ndarray, y: np.ndarray, lam: float) -> EmbeddingParts:
@@ -364,27 +401,32 @@ def fit_embedding_parts(emb: np.ndarray, y: np.ndarray, lam: float) -> Embedding
     return EmbeddingParts(f16[0], bias, f16[1], f16[2], f16[3], y.astype(np.int64))
 
 
-def _head(parts: EmbeddingParts, k: int, scales: dict[str, tuple[float, float]], blend: tuple[float, float],
-          encoder: str) -> EmbeddingHead:
+def _head(parts: EmbeddingParts, k: int, terms: Sequence[BlendTerm], bias: float, encoder: str) -> EmbeddingHead:
     return EmbeddingHead(
-        encoder=encoder, dim=len(parts.ridge), ngram_scale=scales["ngram"],
-        ridge_f16=encode_f16(parts.ridge), ridge_bias=parts.bias, ridge_scale=scales["ridge"],
+        encoder=encoder, dim=len(parts.ridge), ridge_f16=encode_f16(parts.ridge), ridge_bias=parts.bias,
         knn_mean_f16=encode_f16(parts.mean), knn_projection_f16=encode_f16(parts.projection.ravel()),
         knn_bank_f16=encode_f16(parts.bank.ravel()), knn_targets=tuple(int(t) for t in parts.targets), k=k,
-        knn_scale=scales["knn"], blend=blend,
+        terms=tuple(terms), bias=bias,
     )
 
 
-def _scale(x: np.ndarray) -> tuple[float, float]:
-    return float(np.mean(x)), float(np.std(x)) or 1.0
+def question_option_similarities(encoder: SentenceEncoder, questions: Sequence[Question]) -> np.ndarray:
+    """``n x 3`` option similarities (NaN rows: no options), embeddings through the on-disk cache."""
+    from wattplane.encoder_files import embed_cached
+
+    options = [split_choices(q.prompt) for q in questions]
+    flat = [o for parsed in options if parsed is not None for o in parsed[1]]
+    return similarities_from(options, embed_cached(encoder, flat))
 
 
 def train_embedding(folder: Path, seed: int, base: RouterWeights) -> tuple[RouterWeights, dict[str, object]]:
     """Add an embedding head to ``base`` (the n-gram weights of the same seed's training half).
 
-    Everything is chosen by 5-fold cross-validation inside the training half (folds by seed+1): the
-    embedding ridge penalty, the neighbour count and the blend; z-scales come from the same
-    out-of-fold scores. The held-out half is scored once, at the end.
+    Stacking, all inside the training half: 5-fold out-of-fold values (folds by seed+1) of the n-gram
+    score, the embedding ridge (each penalty) and the neighbours' mean target (each k), plus the
+    answer options' similarities (no fitting); the final layer is a least-squares fit of the target
+    on them. The embedding penalty and k are the pair whose final layer scores the best APGR on the
+    held-back folds (the layer refitted without each fold). The held-out half is scored once, at the end.
     """
     from wattplane.encoder_files import ENCODER_ID, embed_cached, load_encoder
 
@@ -396,55 +438,57 @@ def train_embedding(folder: Path, seed: int, base: RouterWeights) -> tuple[Route
     lam = float(base.provenance.get("ridge_lambda", 30.0))
     encoder = load_encoder()
     emb_train = embed_cached(encoder, [q.prompt for q in train_q])
+    sims_train = question_option_similarities(encoder, train_q)
     y = np.asarray([q.large - q.small for q in train_q])
     folds = kfold_by_question(train_q, seed + 1, CV_FOLDS)
-    oof: dict[str, np.ndarray] = {}
-    per_fold: list[tuple[list[Question], dict[str, np.ndarray]]] = []
-    for val_idx in folds:
+    fold_of = np.zeros(len(train_q), dtype=np.int64)
+    oof: dict[str, np.ndarray] = {"ngram": out_of_fold_ngram(train_q, subjects, lam, folds)}
+    for f, val_idx in enumerate(folds):
+        fold_of[val_idx] = f
         held = set(val_idx)
         fit_idx = [i for i in range(len(train_q)) if i not in held]
-        fit_q = [train_q[i] for i in fit_idx]
-        val_q = [train_q[i] for i in val_idx]
-        raw = {"ngram": np.asarray(score_many(fit(fit_q, subjects, lam), [q.prompt for q in val_q],
-                                              [q.subject for q in val_q]))}
+        raw = {}
         for emb_lam in EMBEDDING_LAMBDAS:
-            scorer = EmbeddingScorer(_head(fit_embedding_parts(emb_train[fit_idx], y[fit_idx], emb_lam), 1,
-                                           {"ngram": (0, 1), "ridge": (0, 1), "knn": (0, 1)}, (0, 0), ENCODER_ID))
+            scorer = EmbeddingScorer(_head(fit_embedding_parts(emb_train[fit_idx], y[fit_idx], emb_lam), 1, (), 0.0,
+                                           ENCODER_ID))
             raw[f"ridge{emb_lam}"], _ = scorer.parts(emb_train[val_idx])
         for k in NEIGHBOURS:  # the kNN part (PCA bank) does not depend on the ridge penalty: once per fold
             raw[f"knn{k}"] = scorer.parts(emb_train[val_idx], k)[1]
-        per_fold.append((val_q, raw))
-    for key in per_fold[0][1]:
-        oof[key] = np.concatenate([raw[key] for _, raw in per_fold])
-    scales = {key: _scale(v) for key, v in oof.items()}
+        for key, values in raw.items():
+            oof.setdefault(key, np.zeros(len(train_q)))[val_idx] = values
 
-    def cv_apgr(emb_lam: float, k: int, a: float, b: float) -> float:
+    def inputs(emb_lam: float, k: int, rows: np.ndarray | slice = slice(None)) -> dict[str, np.ndarray]:
+        return term_inputs(oof["ngram"][rows], oof[f"ridge{emb_lam}"][rows], oof[f"knn{k}"][rows], sims_train[rows])
+
+    def cv_apgr(emb_lam: float, k: int) -> float:
         vals = []
-        for val_q, raw in per_fold:
-            z = [(raw[key] - scales[key][0]) / scales[key][1] for key in ("ngram", f"ridge{emb_lam}", f"knn{k}")]
-            blended = z[0] + a * z[1] + b * z[2]
-            vals.append(apgr_cpt(blended, [q.small for q in val_q], [q.large for q in val_q])["apgr"])
+        for f in range(CV_FOLDS):
+            rest, this = np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)
+            terms, bias = stack(inputs(emb_lam, k, rest), y[rest], EMBEDDING_TERMS)
+            val_q = [train_q[i] for i in this]
+            vals.append(apgr_cpt(blend(terms, bias, inputs(emb_lam, k, this)), [q.small for q in val_q],
+                                 [q.large for q in val_q])["apgr"])
         return float(np.mean(vals))
 
-    grid = {(emb_lam, k, a, b): cv_apgr(emb_lam, k, a, b)
-            for emb_lam in EMBEDDING_LAMBDAS for k in NEIGHBOURS for a, b in BLENDS}
-    emb_lam, k, a, b = max(grid, key=lambda g: grid[g])
-    head = _head(fit_embedding_parts(emb_train, y, emb_lam), k,
-                 {"ngram": scales["ngram"], "ridge": scales[f"ridge{emb_lam}"], "knn": scales[f"knn{k}"]},
-                 (a, b), ENCODER_ID)
+    grid = {(emb_lam, k): cv_apgr(emb_lam, k) for emb_lam in EMBEDDING_LAMBDAS for k in NEIGHBOURS}
+    emb_lam, k = max(grid, key=lambda g: grid[g])
+    terms, bias = stack(inputs(emb_lam, k), y, EMBEDDING_TERMS)
+    head = _head(fit_embedding_parts(emb_train, y, emb_lam), k, terms, bias, ENCODER_ID)
     weights = base.model_copy(update={"embedding": head})
-    ngram_test = score_many(weights, [q.prompt for q in test_q], [q.subject for q in test_q])
-    combined = EmbeddingScorer(head).combine(ngram_test, embed_cached(encoder, [q.prompt for q in test_q]))
+    ngram_test = ngram_many(weights, [q.prompt for q in test_q], [q.subject for q in test_q])
+    combined = EmbeddingScorer(head).combine(ngram_test, embed_cached(encoder, [q.prompt for q in test_q]),
+                                             question_option_similarities(encoder, test_q))
     held_out = apgr_cpt(combined, [q.small for q in test_q], [q.large for q in test_q])
     provenance = {
         **base.provenance,
         "embedding": {
             "encoder": ENCODER_ID,
             "encoder_files": "wattplane/encoder_files.py (SHA-256 pinned to the Hugging Face revision)",
-            "chosen_by": f"{CV_FOLDS}-fold CV inside the training half (seed+1): ridge penalty, neighbours, blend",
-            "ridge_lambda": emb_lam, "neighbours": k, "projection_dims": PROJECTION_DIMS, "blend": [a, b],
-            "cv_apgr_best": round(grid[(emb_lam, k, a, b)], 4),
-            "cv_apgr_ngram_only": round(max(v for g, v in grid.items() if g[2] == 0 and g[3] == 0), 4),
+            "chosen_by": f"{CV_FOLDS}-fold CV inside the training half (seed+1): final layer fitted on "
+                         "out-of-fold terms; ridge penalty and neighbours by the layer's held-back-fold APGR",
+            "ridge_lambda": emb_lam, "neighbours": k, "projection_dims": PROJECTION_DIMS,
+            "terms": {t.name: round(t.weight, 4) for t in terms},
+            "cv_apgr": {f"{g[0]}/{g[1]}": round(v, 4) for g, v in grid.items()},
             "held_out": {key: round(v, 4) for key, v in held_out.items()},
         },
     }

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from policies.difficulty import (
+    BlendTerm,
     RouterWeights,
     Scorer,
     encode_f16,
@@ -18,6 +19,7 @@ from policies.difficulty import (
     score,
     weights_from_json,
 )
+from policies.prompt_choices import choice_overlap
 from wattplane.train_router import Question, apgr_cpt, evaluate, fit, load_questions, split_by_question
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "policies" / "data" / "router_weights.json"
@@ -75,6 +77,21 @@ def test_score_is_linear_in_weights() -> None:
     assert score(w, text) == pytest.approx(expected)
     assert score(w, text, "anatomy") == pytest.approx(expected - 0.25)
     assert score(w, text, "unknown-subject") == pytest.approx(expected)
+
+
+def test_light_layer_adds_the_options_overlap_and_leaves_prompts_without_options_to_the_ngram_term() -> None:
+    terms = (BlendTerm(name="ngram", mean=0.5, std=0.25, weight=1.0),
+             BlendTerm(name="choice_overlap_mean", mean=0.2, std=0.1, weight=0.5))
+    w = RouterWeights(buckets=256, bias=0.5, terms=terms, terms_bias=0.1)  # no n-gram weights: n-gram score 0.5
+    alike = "Which car?\nA. the red car\nB. the red cart\nAnswer:"
+    apart = "Which car?\nA. the red car\nB. photosynthesis\nAnswer:"
+    overlap = choice_overlap(("the red car", "the red cart"))[1]
+    assert score(w, alike) == pytest.approx(0.1 + 0.5 * (overlap - 0.2) / 0.1)
+    assert score(w, alike) > score(w, apart)  # look-alike options: more need of the large model
+    assert score(w, "Tell me a joke about GPUs.") == pytest.approx(0.1)  # no options: that term counts as its mean
+    assert score(w.model_copy(update={"terms": ()}), alike) == pytest.approx(0.5)  # without the layer: n-grams only
+    for text in (alike, apart, "Tell me a joke about GPUs."):
+        assert Scorer(w).score(text) == pytest.approx(score(w, text), abs=1e-12)
 
 
 def _synthetic(n: int, seed: int) -> list[Question]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from policies.difficulty import EmbeddingHead, EmbeddingScorer, encode_f16
+from policies.difficulty import BlendTerm, EmbeddingHead, EmbeddingScorer, encode_f16
 from policies.text_encoder import SentenceEncoder, WordPieceTokenizer
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "cat", "un", "##aff", "##able", ",", "!", "cafe", "3", ".",
@@ -61,21 +61,28 @@ def test_embeddings_are_unit_length_and_padding_does_not_leak() -> None:
     assert not np.allclose(batched[0], batched[1], atol=1e-3)
 
 
-def test_embedding_head_blends_z_scored_parts_and_knn_reads_nearest_targets() -> None:
+def test_embedding_head_stacks_z_scored_terms_and_knn_reads_nearest_targets() -> None:
     # four training prompts on two axes after projection (dim 4 -> proj 2)
     bank = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    terms = (
+        BlendTerm(name="ngram", mean=1.0, std=2.0, weight=1.0),
+        BlendTerm(name="embedding_ridge", mean=0.0, std=1.0, weight=0.5),
+        BlendTerm(name="embedding_knn", mean=0.0, std=0.5, weight=2.0),
+        BlendTerm(name="choice_similarity_mean", mean=0.4, std=0.1, weight=0.3),
+    )
     head = EmbeddingHead(
-        encoder="test", dim=4, ngram_scale=(1.0, 2.0), ridge_f16=encode_f16(np.array([1.0, 0, 0, 0])),
-        ridge_bias=0.5, ridge_scale=(0.0, 1.0), knn_mean_f16=encode_f16(np.zeros(4)),
+        encoder="test", dim=4, ridge_f16=encode_f16(np.array([1.0, 0, 0, 0])), ridge_bias=0.5,
+        knn_mean_f16=encode_f16(np.zeros(4)),
         knn_projection_f16=encode_f16(np.array([[1.0, 0], [0, 1], [0, 0], [0, 0]]).ravel()),
-        knn_bank_f16=encode_f16(bank.ravel()), knn_targets=(1, 1, -1, 0), k=2, knn_scale=(0.0, 0.5), blend=(0.5, 2.0),
+        knn_bank_f16=encode_f16(bank.ravel()), knn_targets=(1, 1, -1, 0), k=2, terms=terms, bias=0.25,
     )
     scorer = EmbeddingScorer(head)
     e = np.array([[1.0, 0.05, 0, 0], [0.05, 1.0, 0, 0]])
     ridge, knn = scorer.parts(e)
     assert np.allclose(knn, [1.0, -0.5], atol=1e-3)  # two nearest: first two rows, last two rows
     assert np.allclose(ridge, e[:, 0] + 0.5, atol=1e-3)
-    combined = scorer.combine([3.0, 1.0], e)
-    expected = (np.array([3.0, 1.0]) - 1.0) / 2.0 + 0.5 * ridge + 2.0 * knn / 0.5
+    sims = np.array([[0.9, 0.6, 0.2], [np.nan, np.nan, np.nan]])  # the second prompt has no answer options
+    combined = scorer.combine([3.0, 1.0], e, sims)
+    expected = 0.25 + (np.array([3.0, 1.0]) - 1.0) / 2.0 + 0.5 * ridge + 2.0 * knn / 0.5 + 0.3 * np.array([2.0, 0.0])
     assert np.allclose(combined, expected, atol=1e-6)
