@@ -25,6 +25,7 @@ _ANSWER_CUE = re.compile(r"\n\s*Answer:\s*$")
 _NEXT_OPTION = re.compile(r"\n(?=[B-Z]\. )")
 _SPACES = re.compile(r"\s+")
 SIMILARITY_FEATURES = ("max", "mean", "min")
+MAX_OPTION_CHARS = 1024  # overlap reads this much of each option (bounds a request's cost; MMLU's longest: 881)
 
 
 def split_choices(text: str) -> tuple[str, tuple[str, ...]] | None:
@@ -52,7 +53,7 @@ def choice_overlap(options: Sequence[str]) -> tuple[float, float, float]:
     """(max, mean, min) Jaccard overlap of character 3-grams over pairs of options (case and spacing folded)."""
     if len(options) < 2:
         raise ValueError(f"need at least two options, got {len(options)}")
-    grams = [_trigrams(o) for o in options]
+    grams = [_trigrams(o[:MAX_OPTION_CHARS]) for o in options]
     pairs = [len(a & b) / max(1, len(a | b)) for i, a in enumerate(grams) for b in grams[i + 1:]]
     return max(pairs), sum(pairs) / len(pairs), min(pairs)
 

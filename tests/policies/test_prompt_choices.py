@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from policies.difficulty import similarities_from
-from policies.prompt_choices import choice_similarity, split_choices
+from policies.prompt_choices import MAX_OPTION_CHARS, choice_overlap, choice_similarity, split_choices
 
 MMLU = "Which organ filters blood?\nA. Heart\nB. Kidney\nC. Lung\nD. Stomach\nAnswer:"
 
@@ -46,3 +46,12 @@ def test_similarity_rows_follow_the_prompts_and_are_nan_without_options() -> Non
     assert rows[2] == pytest.approx((1.0, 1.0, 1.0))
     with pytest.raises(ValueError):
         similarities_from(options, vectors[:5])
+
+
+def test_overlap_is_jaccard_of_character_trigrams_and_reads_a_bounded_prefix_of_each_option() -> None:
+    assert choice_overlap(("abc", "abc")) == (1.0, 1.0, 1.0)
+    assert choice_overlap(("abc", "xyz"))[1] == 0.0
+    assert choice_overlap(("The  Cat", "the cat")) == (1.0, 1.0, 1.0)  # case and spacing folded
+    head = "mitochondria " * 80
+    long_tail = (head + "x" * 100_000, head + "y" * 100_000)
+    assert choice_overlap(long_tail) == choice_overlap(tuple(o[:MAX_OPTION_CHARS] for o in long_tail))
