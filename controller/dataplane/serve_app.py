@@ -51,6 +51,7 @@ ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
 DEFAULT_CHAT_MAX_TOKENS = 64
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_TOKENS_LIMIT = 32768
+MAX_BODY_BYTES = 4 << 20  # 4 MiB: ~1M tokens of prompt, past any served context; larger bodies get a 413
 
 
 class BadRequest(ValueError):
@@ -63,6 +64,22 @@ def openai_error(status: int, message: str, param: str | None = None, kind: str 
                  ) -> JSONResponse:
     return JSONResponse(status_code=status,
                         content={"error": {"message": message, "type": kind, "param": param, "code": None}})
+
+
+async def read_bounded(request: Request, limit: int) -> bytes | None:
+    """The request body, or None once it is over ``limit`` bytes (declared or streamed): scoring reads the
+    whole prompt, so an unbounded body would let one request hold a router replica's CPU."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def load_packaged_weights() -> RouterWeights:
@@ -214,8 +231,12 @@ class Router:
 
     async def _serve(self, request: Request, chat: bool) -> Response:
         start = time.monotonic()
+        raw = await read_bounded(request, MAX_BODY_BYTES)
+        if raw is None:
+            self.errors.labels("413").inc()
+            return openai_error(413, f"request body over {MAX_BODY_BYTES} bytes")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             self.errors.labels("400").inc()
             return openai_error(400, f"could not parse the JSON body: {exc}")

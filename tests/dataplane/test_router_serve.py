@@ -7,6 +7,7 @@ router runs as ROUTER_REPLICAS replicas behind Serve's proxy, all serving one sh
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
 import socket
@@ -21,7 +22,7 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from controller.dataplane.client import HttpRouterPort  # noqa: E402
-from controller.dataplane.serve_app import build_app  # noqa: E402
+from controller.dataplane.serve_app import MAX_BODY_BYTES, build_app  # noqa: E402
 from controller.dataplane.standin import LatencyModel, count_tokens, latency_model  # noqa: E402
 from controller.dataplane.table import RoutingTable  # noqa: E402
 from policies.plan import SetRoutingShare  # noqa: E402
@@ -149,6 +150,14 @@ def test_malformed_requests_get_openai_400(served: Served) -> None:
             assert err["type"] == "invalid_request_error" and err["message"]
         assert bad[1].json()["error"]["param"] == "messages"
         assert bad[4].json()["error"]["param"] == "model"
+        # a body over the router's bound: refused unread, OpenAI-style (declared and streamed without a length)
+        huge = {"model": "big", "prompt": "x" * MAX_BODY_BYTES}
+        declared = c.post("/v1/completions", json=huge)
+        streamed = c.post("/v1/completions", content=iter([json.dumps(huge).encode()]),
+                          headers={"content-type": "application/json"})
+        for r in (declared, streamed):
+            assert r.status_code == 413, r.text
+            assert r.json()["error"]["type"] == "invalid_request_error"
         # a completion request in the right shape works
         ok = c.post("/v1/completions", json={"model": "big", "prompt": "2+2=", "max_tokens": 4})
         assert ok.status_code == 200 and ok.json()["object"] == "text_completion"
