@@ -21,10 +21,9 @@ import pytest
 from agents.agent import Agent, AgentConfig
 from agents.sources.simulated import SimulatedSource, constant_load
 from controller.kube import Kube
-from policies.power_model import gpu_power_w
 from tests.controller import test_power_cluster as power_cluster
 from tests.controller.cluster_helpers import ControllerProcess, pool_body, wait_for
-from tests.controller.test_power_cluster import DECODE, PREFILL, AgentThread, _agent_token, _hub_port
+from tests.controller.test_power_cluster import DECODE, PREFILL, AgentThread, _agent_token, _hub_port, simulated_draws
 from wattplane.testcluster import TestCluster
 
 pytestmark = pytest.mark.cluster
@@ -35,16 +34,6 @@ BUDGET_W = 20_000
 CUT_TO = 0.7  # the cut leaves each node's scaled share at 70% of its draw (well above 8 x 200 W minimum)
 CAP_WITHIN_S = 5.0  # the guard acts within 0.25 s of the new share; the rest is the watch event's way
 GRACE_S = AgentConfig(node_name="", target="").guard.cut_grace_s  # a connected controller's time to act
-
-
-def _draw(agents: dict[str, Agent]) -> dict[str, float]:
-    """Each node's GPU draw at the limits its devices hold (the simulated devices' own power model)."""
-    out = {}
-    for n, a in agents.items():
-        src = a.source
-        assert isinstance(src, SimulatedSource)
-        out[n] = sum(gpu_power_w(src.spec, PREFILL, DECODE, src._limits[i]) for i in range(GPUS))
-    return out
 
 
 def test_budget_cut_while_the_controller_is_down_caps_the_nodes(
@@ -74,19 +63,19 @@ def test_budget_cut_while_the_controller_is_down_caps_the_nodes(
                        and a.observed_budget_w == budget for a in agents.values())
 
         wait_for(lambda: shared(BUDGET_W), 60, 0.25, what=f"shares of {row}'s {BUDGET_W} W at both agents")
-        expected = sum(_draw(agents).values())
+        expected = sum(simulated_draws(agents).values())
 
         # 2. a cut with the controller up: its priority-aware caps and shares of the new budget come
         # within the agents' grace, so no guard takes over (they would hold the domain for good)
         first = round(0.85 * expected)
         t_first = time.monotonic()
         kube.patch("PowerDomain", row, {"spec": {"budgetW": first}})
-        wait_for(lambda: shared(first) and sum(_draw(agents).values()) <= first, GRACE_S, 0.1,
+        wait_for(lambda: shared(first) and sum(simulated_draws(agents).values()) <= first, GRACE_S, 0.1,
                  what=f"the controller's caps and shares of the {first} W budget within the agents' grace")
         rebased_s = time.monotonic() - t_first
         assert all(a.budget_cuts == 0 and not a.guard.active for a in agents.values())
         shares = {n: a.share_w for n, a in agents.items()}
-        draw = _draw(agents)
+        draw = simulated_draws(agents)
 
         # 3. the controller goes away
         proc.terminate()
@@ -101,7 +90,7 @@ def test_budget_cut_while_the_controller_is_down_caps_the_nodes(
         kube.patch("PowerDomain", row, {"spec": {"budgetW": low}})
 
         def under() -> dict[str, float] | None:
-            now = _draw(agents)
+            now = simulated_draws(agents)
             return now if all(now[n] <= scaled[n] for n in nodes) else None
 
         capped = wait_for(under, CAP_WITHIN_S, 0.02, what=f"both nodes under their shares scaled to {low} W")

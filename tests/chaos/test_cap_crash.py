@@ -30,7 +30,15 @@ from tests.chaos.cluster_faults import Controller
 from tests.chaos.records import ChaosRecorder
 from tests.controller import test_power_cluster as power_cluster
 from tests.controller.cluster_helpers import free_port, pool_body, wait_for
-from tests.controller.test_power_cluster import DECODE, PREFILL, AgentThread, _agent_token, _hub_port, _status
+from tests.controller.test_power_cluster import (
+    DECODE,
+    PREFILL,
+    AgentThread,
+    _agent_token,
+    _hub_port,
+    _status,
+    simulated_draws,
+)
 from wattplane.testcluster import TestCluster
 
 pytestmark = [pytest.mark.chaos, pytest.mark.cluster]
@@ -78,16 +86,6 @@ class CommandLog:
 def _limits(agents: dict[str, Agent]) -> dict[str, float]:
     """The power limit each device enforces, as the agent itself holds it."""
     return {f"{n}/{i}": a.limits.effective_w(i) for n, a in agents.items() for i in range(GPUS)}
-
-
-def _draw(agents: dict[str, Agent]) -> dict[str, float]:
-    """Each node's GPU draw at its enforced limits (the simulated devices' own power model)."""
-    out = {}
-    for n, a in agents.items():
-        src = a.source
-        assert isinstance(src, SimulatedSource)
-        out[n] = sum(gpu_power_w(src.spec, PREFILL, DECODE, src._limits[i]) for i in range(GPUS))
-    return out
 
 
 def test_sigkill_mid_power_cap_leaves_no_cap_behind(
@@ -142,7 +140,7 @@ def test_sigkill_mid_power_cap_leaves_no_cap_behind(
             at_kill = _limits(agents)
             outage: list[tuple[dict[str, float], dict[str, float]]] = []
             while time.monotonic() - t_kill < OUTAGE_S:
-                outage.append((_limits(agents), _draw(agents)))
+                outage.append((_limits(agents), simulated_draws(agents)))
                 time.sleep(0.5)
             shares = {n: ag.guard.config.share_w for n, ag in agents.items()}
             raised = sorted(k for lim, _ in outage for k, w in lim.items() if w > at_kill[k] + 0.5)
@@ -161,7 +159,7 @@ def test_sigkill_mid_power_cap_leaves_no_cap_behind(
                 s = _status(kube, row)
                 ok = (s.get("nodesReporting") == 2 and s.get("capsApplied", 0) > 0 and s.get("capsPending", 1) == 0
                       and s.get("budgetW") == low and s.get("measuredW", 1e9) <= low
-                      and sum(_draw(agents).values()) <= low)
+                      and sum(simulated_draws(agents).values()) <= low)
                 return s if ok else None
 
             s = wait_for(capped, 90, 0.5, what=f"caps acknowledged and draw under {low} W after the restart")

@@ -84,6 +84,16 @@ def start_agents() -> Iterator[Callable[..., AgentThread]]:
         t.stop()
 
 
+def simulated_draws(agents: dict[str, Agent]) -> dict[str, float]:
+    """Each node's GPU draw at the limits its devices hold (the simulated devices' own power model)."""
+    out = {}
+    for n, a in agents.items():
+        src = a.source
+        assert isinstance(src, SimulatedSource)
+        out[n] = sum(gpu_power_w(src.spec, PREFILL, DECODE, limit) for limit in src._limits)
+    return out
+
+
 def _agent_token(test_cluster: TestCluster) -> str:
     core = client.CoreV1Api(test_cluster.api_client())
     ns = test_cluster.create_namespace(f"agents-{uuid.uuid4().hex[:6]}")
