@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from typing import Any, TypeVar
 
 from controller.api import crdgen
 from controller.kube import Kube, KubeError
+from wattplane.testcluster.cluster import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -49,12 +49,6 @@ def install_crds(kube: Kube, kubectl: Callable[..., Any]) -> None:
         wait_for(established, 30, what=f"CRD {plural} established")
     # discovery of a fresh CRD lags a little behind Established
     wait_for(lambda: kube.list("FleetPolicy") is not None, 30, what="CRD discovery")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ControllerProcess:

@@ -10,7 +10,6 @@ import asyncio
 import json
 import math
 import random
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from policies.snapshot import (  # noqa: E402
     ReplicaSet,
     Snapshot,
 )
+from wattplane.testcluster.cluster import free_port  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -88,16 +88,9 @@ class Served:
     small: LatencyModel
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def served() -> Iterator[Served]:
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="wattplane-test")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

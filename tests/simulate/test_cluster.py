@@ -132,7 +132,7 @@ def test_interrupt_removes_what_the_run_created(test_cluster: TestCluster, tmp_p
     proc = subprocess.Popen([sys.executable, "-m", "wattplane", "simulate", str(path), "--cluster",
                              str(test_cluster.kubeconfig), "--json", "--duration", "600", "--time-scale", "2",
                              "--out", str(tmp_path / "out")], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"})
     try:
         deadline = time.monotonic() + 60
         while not _leftovers(kube).get("Node") and time.monotonic() < deadline:
@@ -140,7 +140,13 @@ def test_interrupt_removes_what_the_run_created(test_cluster: TestCluster, tmp_p
         assert _leftovers(kube).get("Node"), "the run created no nodes"
         time.sleep(3)  # the controller and agents are starting
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(90) == 130
+        try:
+            assert proc.wait(90) == 130
+        except subprocess.TimeoutExpired:  # say where it hangs: faulthandler dumps every thread's stack
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(10)
+            tail = (tmp_path / "run.log").read_text()[-6000:]
+            raise AssertionError(f"no exit 90 s after SIGINT; its stacks:\n{tail}") from None
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -64,6 +64,7 @@ FIELD_MANAGER = "wattplane-simulate"
 AGENT_SA = "wattplane-sim-agent"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+AGENTS_STOP_S = 10.0  # cleanup waits this long in all for the agents to stop
 
 # metric -> where a cluster run's figure comes from
 SOURCES: dict[str, str] = {
@@ -674,9 +675,10 @@ class ClusterRun:
             return
         for agent in self.agents.values():
             self.loop.call_soon_threadsafe(agent.stop)
+        deadline = time.monotonic() + AGENTS_STOP_S  # one deadline for all: not 10 s per agent in turn
         for f in self.agent_futures:
             with contextlib.suppress(Exception):
-                f.result(10)
+                f.result(max(0.1, deadline - time.monotonic()))
         self.loop.call_soon_threadsafe(self.loop.stop)
         if self.loop_thread is not None:
             self.loop_thread.join(5)

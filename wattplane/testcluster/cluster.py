@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -68,10 +69,41 @@ def _kill_me_with_parent() -> None:
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+LOW_PORT = 20_000  # the control plane's ports are drawn from [LOW_PORT, the ephemeral range's start)
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
+
+
+def free_port(taken: set[int] | None = None) -> int:
+    """A free loopback port below the ephemeral range.
+
+    Why not bind to port 0: that port comes from the ephemeral range, and between picking it and the
+    component binding it (seconds later, after etcd and the API server start) any outgoing
+    connection, such as the API server's to etcd, may take it as its source port: kube-controller-manager
+    then died with "address already in use" (seen in CI). Ports below the range are never handed out
+    as source ports; a random one is checked by binding it.
+    """
+    top = _ephemeral_start()
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(LOW_PORT, top) if top > LOW_PORT + 100 else 0
+        if taken is not None and port in taken:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            got = int(s.getsockname()[1])
+        if taken is not None:
+            taken.add(got)
+        return got
+    raise TestClusterError("no free loopback port below the ephemeral range")
 
 
 def stop_process_group(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
@@ -142,7 +174,8 @@ class TestCluster:
         state.mkdir(parents=True, exist_ok=True)
         shm = Path("/dev/shm")
         etcd_dir = Path(tempfile.mkdtemp(prefix="wattplane-etcd-", dir=shm if shm.is_dir() else None))
-        ports = {k: free_port() for k in ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok")}
+        taken: set[int] = set()
+        ports = {k: free_port(taken) for k in ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok")}
         cluster = cls(state, bin_dir, ports, secrets.token_hex(16), etcd_dir=etcd_dir, owns_state_dir=owns,
                       die_with_parent=die_with_parent)
         try:
