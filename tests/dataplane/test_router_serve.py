@@ -218,6 +218,7 @@ async def _fan_out(served: Served, n: int) -> list[httpx.Response]:
 
 def test_every_router_replica_serves_the_latest_table(served: Served) -> None:
     """A push reaches one replica through the proxy; every replica must route by it (and count load)."""
+    time.sleep(2 * REFRESH_S)  # earlier tests' counts reach the store first (else "before" is short of them)
     with httpx.Client(base_url=served.base_url, timeout=30) as c:
         before = c.get("/v1/router/stats").json()["requests"]
     seen: set[str] = set()

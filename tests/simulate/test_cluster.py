@@ -125,6 +125,13 @@ def test_quickstart_converges_on_the_cluster_and_cleans_up(test_cluster: TestClu
     assert _fleet_policy(kube) == before
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C as a terminal delivers it. A harness started in the background by a
+    non-interactive shell (nohup, `cmd &`) runs with SIGINT ignored, which children inherit, and
+    Python then never raises KeyboardInterrupt: the run went on driving load after the signal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interrupt_removes_what_the_run_created(test_cluster: TestCluster, tmp_path: Path) -> None:
     kube = Kube(test_cluster.api_client())
     path = _unique_quickstart(tmp_path)
@@ -132,7 +139,8 @@ def test_interrupt_removes_what_the_run_created(test_cluster: TestCluster, tmp_p
     proc = subprocess.Popen([sys.executable, "-m", "wattplane", "simulate", str(path), "--cluster",
                              str(test_cluster.kubeconfig), "--json", "--duration", "600", "--time-scale", "2",
                              "--out", str(tmp_path / "out")], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
+                            preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 60
         while not _leftovers(kube).get("Node") and time.monotonic() < deadline:
