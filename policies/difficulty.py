@@ -2,7 +2,8 @@
 
 A linear model over hashed word n-grams, hashed character n-grams (they catch formulas, numbers
 and word stems that whole words miss), a few length buckets and (when the caller knows it) the
-request's subject. It predicts ``E[correct_large - correct_small]`` for a prompt, trained by
+request's subject, then a final layer that adds how alike the prompt's answer options are
+(``policies/prompt_choices.py``). It predicts ``E[correct_large - correct_small]`` for a prompt, trained by
 ``wattplane/train_router.py`` on RouteLLM's MMLU correctness labels; a higher score means the large
 model is more likely to be right where the small one is wrong. Scoring is a few dozen CRC32
 hashes and a dictionary sum, so one CPU core scores thousands of requests per second, with no
@@ -60,7 +61,8 @@ BlendTermName = Literal[
 
 
 class BlendTerm(Frozen):
-    """One input of the embedding head's final linear layer: ``weight * (x - mean) / std``.
+    """One input of a scorer's final linear layer (the light layer's or the embedding head's):
+    ``weight * (x - mean) / std``.
 
     ``mean``/``std`` are the input's out-of-fold mean and spread on the training half, so the
     weights are comparable; an input a prompt does not have (no answer options) counts as its mean.
