@@ -19,7 +19,7 @@ import base64
 import math
 import re
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -169,7 +169,8 @@ class EmbeddingScorer:
         """The stacked score from the n-gram scores, the prompts' embeddings and their options'
         similarities (``n x 3``: max, mean, min; NaN rows for prompts without options)."""
         ridge, knn = self.parts(embeddings)
-        return blend(self.head.terms, self.head.bias, term_inputs(ngram, ridge, knn, option_similarity))
+        out: np.ndarray = blend(self.head.terms, self.head.bias, term_inputs(ngram, ridge, knn, option_similarity))
+        return out
 
 
 def term_inputs(ngram: np.ndarray | Sequence[float], ridge: np.ndarray, knn: np.ndarray,
@@ -182,38 +183,47 @@ def term_inputs(ngram: np.ndarray | Sequence[float], ridge: np.ndarray, knn: np.
     return out
 
 
-def blend(terms: Sequence[BlendTerm], bias: float, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-    """``bias + sum(weight * z)`` over ``terms``; a missing (NaN) input contributes nothing."""
-    n = len(inputs["ngram"])
-    out = np.full(n, bias)
+def blend(terms: Sequence[BlendTerm], bias: float, inputs: Mapping[str, Any]) -> Any:
+    """``bias + sum(weight * z)`` over ``terms``; a missing (NaN) input contributes nothing.
+
+    Inputs are arrays (one value per prompt: an array comes back) or floats (one prompt: the router's
+    per-request path, without building arrays)."""
+    out: Any = bias
     for t in terms:
-        z = (np.asarray(inputs[t.name], dtype=np.float64) - t.mean) / t.std
-        out += t.weight * np.nan_to_num(z, nan=0.0)
+        z = (inputs[t.name] - t.mean) / t.std
+        if isinstance(z, float):  # numpy's nan_to_num costs ~8 us on a scalar
+            out = out + t.weight * (0.0 if math.isnan(z) else z)
+        else:
+            out = out + t.weight * np.nan_to_num(z, nan=0.0)
     return out
+
+
+def overlap_values(text: str) -> dict[str, float]:
+    """The options' character overlap of one prompt by term name (NaN: the prompt has no options)."""
+    parsed = split_choices(text)
+    values = choice_overlap(parsed[1]) if parsed is not None else (math.nan,) * len(SIMILARITY_FEATURES)
+    return {f"choice_overlap_{name}": v for name, v in zip(SIMILARITY_FEATURES, values, strict=True)}
 
 
 def overlap_inputs(ngram: np.ndarray | Sequence[float], texts: Sequence[str]) -> dict[str, np.ndarray]:
-    """The light layer's inputs: n-gram scores and the options' character overlap (NaN: no options)."""
-    rows = np.full((len(texts), len(SIMILARITY_FEATURES)), np.nan)
-    for i, text in enumerate(texts):
-        parsed = split_choices(text)
-        if parsed is not None:
-            rows[i] = choice_overlap(parsed[1])
+    """The light layer's inputs for many prompts: n-gram scores and the options' character overlap."""
+    rows = [overlap_values(t) for t in texts]
     out = {"ngram": np.asarray(ngram, dtype=np.float64)}
-    for j, name in enumerate(SIMILARITY_FEATURES):
-        out[f"choice_overlap_{name}"] = rows[:, j]
+    for name in SIMILARITY_FEATURES:
+        key = f"choice_overlap_{name}"
+        out[key] = np.asarray([r[key] for r in rows], dtype=np.float64)
     return out
 
 
-def option_similarities(encoder: SentenceEncoder, texts: Sequence[str]) -> np.ndarray:
+def option_similarities(texts: Sequence[str], embed: Callable[[Sequence[str]], np.ndarray]) -> np.ndarray:
     """``n x 3`` (max, mean, min) similarity of each prompt's answer options; NaN rows without options.
 
-    The options of all prompts go through the encoder in one batch (they are short).
+    The options of all prompts go through ``embed`` (the encoder's, or the trainer's on-disk cache)
+    in one batch (they are short).
     """
     options = [split_choices(t) for t in texts]
     flat = [o for parsed in options if parsed is not None for o in parsed[1]]
-    vectors = encoder.embed(flat) if flat else np.zeros((0, encoder.dim))
-    return similarities_from(options, vectors)
+    return similarities_from(options, embed(flat) if flat else np.zeros((0, 1)))
 
 
 def similarities_from(options: Sequence[tuple[str, tuple[str, ...]] | None], vectors: np.ndarray) -> np.ndarray:
@@ -339,7 +349,7 @@ class Scorer:
             return [self.light_score(t, s) for t, s in zip(texts, subs, strict=True)]
         ngram = [self.ngram_score(t, s) for t, s in zip(texts, subs, strict=True)]
         return [float(x) for x in self.embedding.combine(ngram, self.encoder.embed(texts),
-                                                         option_similarities(self.encoder, texts))]
+                                                         option_similarities(texts, self.encoder.embed))]
 
     def light_score(self, text: str, subject: str | None = None) -> float:
         """The score without an encoder: the n-gram score, stacked with the options' overlap when trained so."""
@@ -347,7 +357,7 @@ class Scorer:
         w = self.weights
         if not w.terms:
             return ngram
-        return float(blend(w.terms, w.terms_bias, overlap_inputs([ngram], [text]))[0])
+        return float(blend(w.terms, w.terms_bias, {"ngram": ngram, **overlap_values(text)}))
 
     def ngram_score(self, text: str, subject: str | None = None) -> float:
         """The hashed n-gram model alone: n-grams, length and subject."""
@@ -379,7 +389,7 @@ def score(weights: RouterWeights, text: str, subject: str | None = None) -> floa
     if subject is not None:
         s += weights.subject_weights.get(subject, 0.0)
     if weights.terms:
-        return float(blend(weights.terms, weights.terms_bias, overlap_inputs([s], [text]))[0])
+        return float(blend(weights.terms, weights.terms_bias, {"ngram": s, **overlap_values(text)}))
     return s
 
 
@@ -427,6 +437,7 @@ __all__ = [
     "ngram_many",
     "option_similarities",
     "overlap_inputs",
+    "overlap_values",
     "score",
     "score_many",
     "similarities_from",

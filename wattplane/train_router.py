@@ -49,13 +49,12 @@ from policies.difficulty import (
     hashed_features,
     length_bucket,
     ngram_many,
+    option_similarities,
     overlap_inputs,
     score_many,
-    similarities_from,
     term_inputs,
     tokens,
 )
-from policies.prompt_choices import split_choices
 from policies.text_encoder import SentenceEncoder
 from wattplane.datasets import MissingDataError, data_file
 
@@ -414,9 +413,7 @@ def question_option_similarities(encoder: SentenceEncoder, questions: Sequence[Q
     """``n x 3`` option similarities (NaN rows: no options), embeddings through the on-disk cache."""
     from wattplane.encoder_files import embed_cached
 
-    options = [split_choices(q.prompt) for q in questions]
-    flat = [o for parsed in options if parsed is not None for o in parsed[1]]
-    return similarities_from(options, embed_cached(encoder, flat))
+    return option_similarities([q.prompt for q in questions], lambda texts: embed_cached(encoder, texts))
 
 
 def train_embedding(folder: Path, seed: int, base: RouterWeights) -> tuple[RouterWeights, dict[str, object]]:
